@@ -1,0 +1,37 @@
+# medseg developer commands. Each target does its own set-up on a fresh machine.
+#   make demo   - install, then run the main job on sample_data/
+#   make test   - install (incl. system packages), then lint, type-check and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml .ci/system-packages.txt | cksum | cut -d' ' -f1)
+
+.PHONY: install system-deps test lint demo clean
+
+$(STAMP): pyproject.toml .ci/system-packages.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build on disk; a bare 'torch' would pull a CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+system-deps:
+	bash .ci/install-system-packages.sh
+
+lint: install
+	$(BIN)/ruff check medseg tests benchmarks
+	$(BIN)/mypy
+
+test: system-deps install lint
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/medseg info sample_data/phantom_000/dicom
+	$(BIN)/medseg convert sample_data/phantom_000/dicom out/phantom_000_ct.nii.gz
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

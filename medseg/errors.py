@@ -1,0 +1,128 @@
+"""The medseg exception tree.
+
+Every error medseg raises on purpose derives from :class:`MedsegError` and carries the
+context a person needs to act on it: the file or folder, the series, and the reason.
+The command line prints ``medseg: error: <message>`` for these and exits non-zero,
+without a traceback.
+
+::
+
+    MedsegError
+    ├── InputError                  the input cannot be used as given
+    │   ├── NotFoundError           path does not exist / nothing readable in it
+    │   ├── UnreadableFileError     a file is corrupt, truncated, or of an unknown format
+    │   ├── NoSeriesError           a folder holds no usable image series
+    │   ├── SeriesSelectionError    --series names no series, or the choice is ambiguous
+    │   ├── GeometryError           the world geometry cannot be established exactly
+    │   │   ├── InconsistentOrientationError
+    │   │   ├── MissingSlicesError
+    │   │   └── NotAVolumeError     a 2D image, a single slice, a 4D series ...
+    │   ├── PixelDataError          pixel data missing, undecodable, NaN, wrong size
+    │   └── ModalityError           e.g. segmentation asked of an MR series
+    ├── OutputError                 an output cannot be written
+    └── ConfigError                 a pipeline/config file or an argument is invalid
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "ConfigError",
+    "GeometryError",
+    "InconsistentOrientationError",
+    "InputError",
+    "MedsegError",
+    "MissingSlicesError",
+    "ModalityError",
+    "NoSeriesError",
+    "NotAVolumeError",
+    "NotFoundError",
+    "OutputError",
+    "PixelDataError",
+    "SeriesSelectionError",
+    "UnreadableFileError",
+]
+
+
+class MedsegError(Exception):
+    """Base of every error medseg raises on purpose.
+
+    Parameters
+    ----------
+    reason:
+        What is wrong, in words a user understands.
+    path:
+        The file or folder concerned, if any.
+    series:
+        The SeriesInstanceUID (or another series label) concerned, if any.
+    """
+
+    def __init__(
+        self, reason: str, *, path: str | Path | None = None, series: str | None = None
+    ) -> None:
+        self.reason = reason
+        self.path = str(path) if path is not None else None
+        self.series = series
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        parts = []
+        if self.path:
+            parts.append(self.path)
+        if self.series:
+            parts.append(f"series {self.series}")
+        prefix = ": ".join(parts)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+
+class InputError(MedsegError):
+    """The input cannot be used as given."""
+
+
+class NotFoundError(InputError):
+    """The path does not exist, or holds nothing medseg can read."""
+
+
+class UnreadableFileError(InputError):
+    """A file is corrupt, truncated, or in a format medseg does not read."""
+
+
+class NoSeriesError(InputError):
+    """A folder holds no usable image series."""
+
+
+class SeriesSelectionError(InputError):
+    """The requested series does not exist, or no series qualifies."""
+
+
+class GeometryError(InputError):
+    """The world geometry of the input cannot be established exactly."""
+
+
+class InconsistentOrientationError(GeometryError):
+    """Slices of one series have different orientations or in-plane grids."""
+
+
+class MissingSlicesError(GeometryError):
+    """Slices are missing from a series (a gap that is a multiple of the spacing)."""
+
+
+class NotAVolumeError(GeometryError):
+    """The input is not a 3D volume (a 2D image, a single slice, a 4D series...)."""
+
+
+class PixelDataError(InputError):
+    """Pixel data is missing, cannot be decoded, or holds invalid values."""
+
+
+class ModalityError(InputError):
+    """The modality does not suit the operation (segmentation needs CT)."""
+
+
+class OutputError(MedsegError):
+    """An output cannot be written."""
+
+
+class ConfigError(MedsegError):
+    """A configuration file or an argument is invalid."""

@@ -1,0 +1,73 @@
+"""Reading and writing volumes: DICOM folders/files/DICOMDIR, NIfTI, NRRD, MHA.
+
+:func:`load` picks the reader from the path; :func:`save` picks the writer from the suffix.
+Every writer is atomic (temporary name in the target folder, renamed when complete).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medseg.errors import ConfigError, NotFoundError
+from medseg.io._atomic import atomic_output
+from medseg.io.dicom import DicomScan, load_dicom, scan_dicom
+from medseg.io.itkformats import from_sitk, read_itk, to_sitk, write_itk
+from medseg.io.nifti import read_nifti, write_nifti
+from medseg.volume import CTVolume
+
+__all__ = [
+    "DicomScan",
+    "atomic_output",
+    "detect_format",
+    "from_sitk",
+    "load",
+    "save",
+    "scan_dicom",
+    "to_sitk",
+]
+
+_ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
+
+
+def detect_format(path: str | Path) -> str:
+    """``"dicom"``, ``"nifti"``, ``"nrrd"`` or ``"mha"`` for an existing path."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError("no such file or folder", path=p)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if p.suffix.lower() in _ITK_SUFFIXES:
+        return _ITK_SUFFIXES[p.suffix.lower()]
+    return "dicom"  # a single (multi-frame) DICOM file, a DICOMDIR, or a file without suffix
+
+
+def load(path: str | Path, *, series: str | None = None) -> CTVolume:
+    """Load a volume from a DICOM folder/file/DICOMDIR, NIfTI, NRRD or MHA.
+
+    ``series`` (a SeriesInstanceUID) picks one DICOM series; it is an error for other formats.
+    """
+    fmt = detect_format(path)
+    if series is not None and fmt != "dicom":
+        raise ConfigError(f"--series applies to DICOM input, not {fmt.upper()}", path=path)
+    if fmt == "dicom":
+        return load_dicom(path, series_uid=series)
+    if fmt == "nifti":
+        return read_nifti(path)
+    return read_itk(path, fmt)
+
+
+def save(volume: CTVolume, path: str | Path) -> Path:
+    """Write ``volume`` to ``.nii.gz``/``.nii``, ``.nrrd`` or ``.mha`` (atomic)."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return write_nifti(volume, p)
+    if p.suffix.lower() in (".nrrd", ".mha"):
+        return write_itk(volume, p)
+    raise ConfigError(
+        f"unknown output format {p.suffix or '(no suffix)'!r}: use .nii.gz, .nii, .nrrd or .mha",
+        path=p,
+    )
