@@ -77,6 +77,9 @@ GAP_MULTIPLE_TOLERANCE = 0.05
 DUPLICATE_POSITION_MM = 1e-3
 #: Value given to resampled voxels that no slice covers: air in HU for CT.
 CT_FILL_HU = -1024
+#: Fewest slices accepted as a volume: with two, uniform spacing and missing slices cannot be
+#: told apart (any two positions look regular), so the geometry could not be checked.
+MIN_SLICES = 3
 #: Header elements longer than this are not read during discovery (pixel data is read later).
 _DEFER_SIZE = 2048
 
@@ -447,8 +450,12 @@ def _series_skip_reason(s: SeriesInfo) -> str | None:
 def _plan_stack(s: SeriesInfo) -> StackPlan:
     """Check the frames of ``s`` form a volume; raise an InputError subclass if not."""
     frames = s.frames
-    if len(frames) < 2:
-        raise NotAVolumeError("a single 2D image, not a volume (a series needs 2+ slices)")
+    if len(frames) == 1:
+        raise NotAVolumeError("a single 2D image, not a volume")
+    if len(frames) < MIN_SLICES:
+        raise NotAVolumeError(
+            f"only {len(frames)} slices: a volume needs at least {MIN_SLICES} so that its "
+            "spacing can be checked")
     if any(f.position is None or f.orientation is None for f in frames):
         n = sum(f.position is None or f.orientation is None for f in frames)
         raise GeometryError(
@@ -793,7 +800,8 @@ def _resample_stack(hu: npt.NDArray[Any], positions: npt.NDArray[np.float64], pl
     gap = _target_gap(plan.gaps) if not np.allclose(plan.gaps, plan.gaps[0],
                                                       atol=POSITION_TOLERANCE_MM) \
         else float((d[-1] - d[0]) / (n - 1))
-    nk = int(np.floor((d[-1] - d[0]) / gap + 1e-6)) + 1
+    # ceil: the grid reaches the last slice (the top plane may lie up to one gap beyond it)
+    nk = int(np.ceil((d[-1] - d[0]) / gap - 1e-6)) + 1
     out = np.empty((nk, nj, ni), np.float32)
     jj, ii = np.mgrid[0:nj, 0:ni].astype(np.float64)
     for k in range(nk):
