@@ -398,12 +398,17 @@ def _iter_files(root: Path) -> Iterable[Path]:
 
 
 def _dicomdir_files(path: Path) -> Iterable[Path]:
+    """The files a DICOMDIR references (ReferencedFileID of each directory record)."""
     try:
-        fs = pydicom.fileset.FileSet(pydicom.dcmread(path))
+        ds = pydicom.dcmread(path)
+        records = ds.DirectoryRecordSequence
     except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
         raise UnreadableFileError(f"cannot read DICOMDIR: {exc}", path=path) from exc
-    for instance in fs:
-        yield Path(instance.path)
+    for rec in records:
+        ref = rec.get("ReferencedFileID")
+        if ref:
+            parts = [ref] if isinstance(ref, str) else list(ref)
+            yield path.parent.joinpath(*[str(p) for p in parts])
 
 
 def _series_fields(ds: Dataset) -> dict[str, Any]:
