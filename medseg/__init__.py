@@ -24,8 +24,8 @@ from medseg.io import load, save, scan_dicom
 from medseg.volume import CTVolume, Geometry, VolumeMetadata
 
 __all__ = [
-    "ConfigError",
     "CTVolume",
+    "ConfigError",
     "Geometry",
     "GeometryError",
     "InconsistentOrientationError",

@@ -110,7 +110,7 @@ def _parse_triple(text: str, kind: type) -> tuple[Any, Any, Any]:
         raise argparse.ArgumentTypeError(f"not numbers: {text!r}") from exc
     if any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

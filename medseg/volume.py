@@ -96,7 +96,11 @@ class Geometry:
         spacing = np.linalg.norm(lin, axis=0)
         if np.any(spacing <= 1e-12) or abs(np.linalg.det(lin)) <= 1e-12:
             raise GeometryError(f"affine is singular: {np.round(aff, 6).tolist()}")
-        return cls(origin=aff[:3, 3], spacing=spacing, direction=lin / spacing[None, :])
+        return cls(
+            origin=_as_vec3(aff[:3, 3], "origin"),
+            spacing=_as_vec3(spacing, "spacing"),
+            direction=lin / spacing[None, :],
+        )
 
     # -- coordinates ---------------------------------------------------------------------
     def index_to_world(self, ijk: npt.ArrayLike) -> npt.NDArray[np.float64]:

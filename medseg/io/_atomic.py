@@ -35,7 +35,9 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path=target) from exc
     stem, suffix = split_suffix(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:

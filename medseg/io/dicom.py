@@ -717,7 +717,7 @@ def _decode_file(path: str) -> npt.NDArray[Any]:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
             return np.asarray(ds.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; we name the file
+    except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PixelDataError(f"cannot decode pixel data: {msg}", path=path) from exc
 
@@ -765,21 +765,21 @@ def _to_hu(raw: list[npt.NDArray[Any]], frames: Sequence[FrameRecord]) -> npt.ND
         r.dtype.kind in "iu" for r in raw)
     if integral:
         fits = True
-        for r, m, b in zip(raw, slopes, inters):
+        for r, m, b in zip(raw, slopes, inters, strict=False):
             lo, hi = int(r.min()) * m + b, int(r.max()) * m + b
             if min(lo, hi) < -32768 or max(lo, hi) > 32767:
                 fits = False
                 break
         if fits:
             out = np.empty((n, rows, cols), np.int16)
-            for k, (r, m, b) in enumerate(zip(raw, slopes, inters)):
+            for k, (r, m, b) in enumerate(zip(raw, slopes, inters, strict=False)):
                 if m == 1:
                     np.add(r, np.int32(b), out=out[k], casting="unsafe")
                 else:
                     out[k] = r.astype(np.int32) * int(m) + int(b)
             return out
     outf = np.empty((n, rows, cols), np.float32)
-    for k, (r, m, b) in enumerate(zip(raw, slopes, inters)):
+    for k, (r, m, b) in enumerate(zip(raw, slopes, inters, strict=False)):
         np.multiply(r, np.float32(m), out=outf[k], casting="unsafe")
         outf[k] += np.float32(b)
     return outf

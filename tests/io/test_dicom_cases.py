@@ -137,7 +137,7 @@ def test_two_series_in_one_folder(tmp_path: Path, cip_files: list[Path],
     other = next(s for s in scan.series if s is not scan.chosen)
     vol = medseg.load(tmp_path, series=other.series_uid)
     assert vol.shape[0] == 30
-    with pytest.raises(SeriesSelectionError, match="no series 1.2.3 here; series found: "):
+    with pytest.raises(SeriesSelectionError, match=r"no series 1\.2\.3 here; series found: "):
         medseg.load(tmp_path, series="1.2.3")
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -57,10 +57,10 @@ def assert_same_in_world(vol: CTVolume, ref_data: np.ndarray, ref_affine_lps: np
     assert err_mm.max() <= POSITION_TOL_MM, f"voxel centres differ by {err_mm.max():.4f} mm"
     lin = to_ref[:3, :3]
     assert np.allclose(np.abs(lin).sum(axis=0), 1, atol=1e-3), "grids are not axis-aligned"
-    assert ref_data.shape[:3] == tuple(int(round(v)) for v in np.abs(lin) @ (ni, nj, nk)), \
+    assert ref_data.shape[:3] == tuple(round(v) for v in np.abs(lin) @ (ni, nj, nk)), \
         "different number of voxels"
-    I, J, K = np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij")
-    idx = np.round(np.stack([I, J, K, np.ones_like(I)], -1).reshape(-1, 4) @ to_ref.T)
+    ii, jj, kk = np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij")
+    idx = np.round(np.stack([ii, jj, kk, np.ones_like(ii)], -1).reshape(-1, 4) @ to_ref.T)
     idx = idx[:, :3].astype(int)
     ref_vals = ref_data[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64)
     ours = vol.array.transpose(2, 1, 0).reshape(-1).astype(np.float64)
@@ -184,8 +184,8 @@ def test_ge_tilted_uneven_agrees_with_dcm2niix(shared_data: Path) -> None:
     ref_dirs = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     np.testing.assert_allclose(np.abs(ours_dirs.T @ ref_dirs), np.eye(3), atol=1e-4)
     ni, nj, nk = vol.shape[::-1]
-    K, J, I = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
-    world = vol.geometry.index_to_world(np.stack([I.ravel(), J.ravel(), K.ravel()], 1))
+    kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    world = vol.geometry.index_to_world(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], 1))
     ref_idx = (np.linalg.inv(affine) @ np.c_[world, np.ones(len(world))].T)[:3]
     inside = np.all((ref_idx >= 0) & (ref_idx <= np.array(data.shape)[:, None] - 1), axis=0)
     assert inside.mean() > 0.95
