@@ -1,0 +1,104 @@
+"""The command line, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medseg
+from medseg.cli import main
+from medseg.volume import CTVolume, Geometry
+from tests.conftest import need
+
+
+def _nifti(tmp_path: Path) -> Path:
+    vol = CTVolume(np.arange(60, dtype=np.int16).reshape(3, 4, 5),
+                   Geometry(origin=(1, 2, 3), spacing=(0.5, 0.6, 2.0)))
+    return medseg.save(vol, tmp_path / "in.nii.gz")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"medseg {medseg.__version__}"
+
+
+@pytest.mark.parametrize("cmd", [[], ["info"], ["convert"], ["synth"]])
+def test_help_explains(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: medseg" in out and len(out.splitlines()) > 5
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_info_nifti(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _nifti(tmp_path)
+    assert main(["info", str(path)]) == 0
+    assert "NIFTI volume 5x4x3" in capsys.readouterr().out
+    assert main(["info", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["shape_zyx"] == [3, 4, 5] and data["orientation"] == "LPS"
+
+
+def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _nifti(tmp_path)
+    out = tmp_path / "out" / "ct.nrrd"
+    assert main(["convert", str(src), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    a, b = medseg.load(src), medseg.load(out)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.geometry.is_close(b.geometry)
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "o.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medseg: error: ") and "missing: no such file" in err
+    assert len(err.strip().splitlines()) == 1
+    src = _nifti(tmp_path)
+    assert main(["convert", str(src), str(tmp_path / "o.png")]) == 1
+    assert "unknown output format" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["info", str(empty)]) == 1
+    assert "the folder is empty" in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+def test_info_and_convert_dicom(shared_data: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = need(shared_data, "dcm-qa-ct/In/GE")
+    assert main(["info", str(folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (series,) = data["series"]
+    assert data["chosen_series"] == series["series_instance_uid"]
+    assert series["gantry_tilt_deg"] == pytest.approx(18.5, abs=0.01)
+    assert series["slice_spacing_mm"]["min"] < series["slice_spacing_mm"]["max"]
+    assert main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "correction: gantry tilt 18.50 deg" in text and "would use:" in text
+    out = tmp_path / "ge.nii.gz"
+    assert main(["convert", str(folder), str(out)]) == 0
+    assert "correction: variable slice spacing" in capsys.readouterr().out
+    assert medseg.load(out).shape == medseg.load(folder).shape
+
+
+@pytest.mark.shared_data
+def test_refused_series_reason(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = need(shared_data, "dicom2nifti/tests/data/failing/sliceincrement/001")
+    assert main(["convert", str(folder), "/nonexistent/never.nii.gz"]) == 1
+    err = capsys.readouterr().err
+    assert f"medseg: error: {folder}" in err and "slice(s) missing" in err
