@@ -19,6 +19,8 @@ def shared_data_dir() -> Path:
 def shared_data() -> Path:
     root = shared_data_dir()
     if not root.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must have the shared data, not found at {root}")
         pytest.skip(f"shared data not found at {root} (set MEDSEG_SHARED_DATA)")
     return root
 
