@@ -1,5 +1,6 @@
 """Shared fixtures. Real data is found through one helper: ``MEDSEG_SHARED_DATA`` or
-``../shared/data`` beside the repository; tests that need it are skipped when it is absent."""
+``../shared/data`` beside the repository; tests that need it are skipped when it is absent
+(and fail under CI=true, where it must be present)."""
 
 from __future__ import annotations
 
