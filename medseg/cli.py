@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,67 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Progress:
+    """One line on stderr, redrawn in place on a terminal; silent otherwise or with --quiet."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done) if done else 0.0
+        width = 30
+        bar = "#" * int(width * done / max(total, 1))
+        print(f"\r{self.label} [{bar:<{width}}] {done}/{total} slices, {elapsed:.1f} s, "
+              f"ETA {eta:.0f} s", end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from medseg.segment import segment_study
+
+    progress = _Progress("segmenting", not args.quiet)
+    result = segment_study(args.input, args.out_dir, series=args.series, method=args.method,
+                           model=args.model, batch_size=args.batch_size, threads=args.threads,
+                           progress=progress)
+    summary = result.summary
+    for w in summary["warnings"]:
+        print(f"medseg: warning: {args.input}: {w}", file=sys.stderr)
+    if not args.quiet:
+        v = summary["volumes_ml"]
+        print(f"wrote {args.out_dir / 'lungs.nii.gz'} and segment.json: right {v['right']:.0f} "
+              f"mL, left {v['left']:.0f} mL, total {v['total']:.0f} mL in "
+              f"{summary['timings_s']['total']:.1f} s")
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medseg.train import load_train_config, train
+
+    cfg = load_train_config(args.config, output_dir=args.output_dir, max_minutes=args.max_minutes)
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    card = train(cfg, log=log)
+    if not args.quiet:
+        print(f"model card: {Path(cfg.output_dir) / (card['name'] + '.json')}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from medseg.config import read_yaml
+    from medseg.errors import ConfigError
+
+    job = read_yaml(args.config).get("job")
+    if job == "train":
+        return _cmd_train(argparse.Namespace(config=args.config, output_dir=None,
+                                             max_minutes=None, quiet=args.quiet))
+    raise ConfigError(f"unknown job {job!r}; known: train", path=args.config)
+
+
 def _parse_triple(text: str, kind: type) -> tuple[Any, Any, Any]:
     parts = text.replace("x", ",").split(",")
     if len(parts) != 3:
@@ -156,6 +218,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "segment", help="segment the lungs of a CT: lungs.nii.gz + segment.json",
+        description="Segment the right (label 1) and left (label 2) lung of INPUT. Writes "
+        "OUT_DIR/lungs.nii.gz (uint8, on the input's exact grid and orientation) and "
+        "OUT_DIR/segment.json (what ran, model checksum, input summary, timings, lung volumes, "
+        "warnings). Runs offline on the CPU with the model shipped in the package.")
+    p.add_argument("input", type=Path, help="DICOM folder/file, NIfTI, NRRD or MHA (CT in HU)")
+    p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
+    p.add_argument("--method", choices=["unet", "threshold"], default="unet",
+                   help="unet (default): the trained 2D U-Net; threshold: the classical "
+                   "HU-threshold baseline")
+    p.add_argument("--model", default=None,
+                   help="shipped model name or path to a model card .json (default lung2d-v1)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the network (default: torch's choice)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "train", help="train the lung U-Net from a YAML config",
+        description="Train the 2D U-Net as configured in CONFIG (e.g. "
+        "pipelines/train_lung2d.yaml): phantoms + the labelled real study, Dice+CE loss, "
+        "validation Dice every epoch, early stopping. Writes weights, a model card (JSON with "
+        "the weights' SHA-256), log.csv and curves.png to the output folder.")
+    p.add_argument("config", type=Path, help="training config (YAML)")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--max-minutes", type=float, default=None, help="override max_minutes")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch log")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "run", help="run a job described by a pipelines/*.yaml file",
+        description="Run the job a YAML config describes (its 'job' key).")
+    p.add_argument("config", type=Path, help="pipeline config (YAML)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less output")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
         "synth", help="generate labelled synthetic chest-CT phantoms",

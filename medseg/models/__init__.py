@@ -1,0 +1,134 @@
+"""The lung network, and the registry of weights shipped inside the package.
+
+Weights are state dicts saved by ``medseg train`` and loaded with ``weights_only=True``
+after their SHA-256 is checked against the value recorded in the model's card
+(``weights/<name>.json``). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import UNet
+
+from medseg.errors import ConfigError, UnreadableFileError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelSpec",
+    "available_models",
+    "build_network",
+    "load_model",
+    "sha256_of",
+]
+
+#: The model ``medseg segment`` uses unless told otherwise.
+DEFAULT_MODEL = "lung2d-v1"
+#: Output channels: background, right lung (label 1), left lung (label 2), as lungmask.
+N_CLASSES = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a set of weights needs to run: architecture and input conventions."""
+
+    name: str
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    #: Neighbouring slices on each side given as extra input channels (2.5D): 1 -> 3 channels.
+    context_slices: int = 1
+    pixel_spacing_mm: float = 2.0
+    #: Side of the square sliding window (pixels at ``pixel_spacing_mm``).
+    roi_size: int = 256
+    card: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "channels": list(self.channels), "strides": list(self.strides),
+            "num_res_units": self.num_res_units, "context_slices": self.context_slices,
+            "pixel_spacing_mm": self.pixel_spacing_mm, "roi_size": self.roi_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], card: dict[str, Any] | None = None) -> ModelSpec:
+        return cls(name=str(d["name"]), channels=tuple(d["channels"]),
+                   strides=tuple(d["strides"]), num_res_units=int(d["num_res_units"]),
+                   context_slices=int(d["context_slices"]),
+                   pixel_spacing_mm=float(d["pixel_spacing_mm"]), roi_size=int(d["roi_size"]),
+                   card=card or {})
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    network: torch.nn.Module
+    sha256: str
+    path: str
+
+
+def build_network(spec: ModelSpec) -> UNet:
+    """MONAI 2D U-Net: residual units, batch norm (fast on CPU), PReLU."""
+    return UNet(spatial_dims=2, in_channels=spec.in_channels, out_channels=N_CLASSES,
+                channels=spec.channels, strides=spec.strides, num_res_units=spec.num_res_units,
+                norm="BATCH")
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_dir() -> Path:
+    return Path(str(resources.files("medseg.models") / "weights"))
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in _weights_dir().glob("*.json"))
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
+    """Load shipped weights by name (``lung2d-v1``) or a ``.json`` card / ``.pt`` file path.
+
+    The card (JSON beside the weights) holds the architecture and the weights' SHA-256;
+    a mismatch is an error, not a warning.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".json", ".pt"):
+        card_path = p.with_suffix(".json")
+    else:
+        card_path = _weights_dir() / f"{name_or_path}.json"
+        if not card_path.exists():
+            raise ConfigError(f"unknown model {name_or_path!r}; shipped: "
+                              f"{', '.join(available_models()) or 'none'}")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnreadableFileError(f"cannot read model card: {exc}", path=card_path) from exc
+    weights = card_path.with_name(card["weights_file"])
+    if not weights.exists():
+        raise UnreadableFileError("model weights file is missing", path=weights)
+    digest = sha256_of(weights)
+    if digest != card["sha256"]:
+        raise UnreadableFileError(
+            f"checksum mismatch: expected {card['sha256']}, file has {digest}", path=weights)
+    spec = ModelSpec.from_dict(card["architecture"], card)
+    net = build_network(spec)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    net.eval()
+    return LoadedModel(spec=spec, network=net, sha256=digest, path=str(weights))

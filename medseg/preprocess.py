@@ -1,0 +1,111 @@
+"""Preprocessing for the lung model, as invertible MONAI dictionary transforms.
+
+The pipeline (see :func:`orientation_transform` and :func:`slab_transform`):
+
+1. ``Orientationd`` to the canonical frame :data:`CANONICAL_AXCODES` (index axes pointing
+   to patient Left, Posterior, Superior: the radiological axial view, rows top = anterior,
+   columns left = patient right). Only axis permutations and flips: exact, no interpolation.
+2. per slab of axial slices: ``Spacingd`` to the model's in-plane pixel spacing
+   (:data:`MODEL_PIXEL_SPACING_MM`), slice spacing unchanged; ``ScaleIntensityRanged``
+   clipping HU to [:data:`HU_MIN`, :data:`HU_MAX`] and scaling to [0, 1].
+
+MONAI records every applied transform on the MetaTensor, so ``Invertd`` brings the model's
+probabilities back onto the oriented grid exactly (bilinear), and the orientation is undone
+by its own inverse: the output lands on the input's exact grid.
+
+World coordinates: MONAI's affines are RAS; medseg converts explicitly with
+``Geometry.affine_ras`` when it builds the MetaTensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd
+
+from medseg.errors import InputError
+from medseg.volume import CTVolume
+
+__all__ = [
+    "CANONICAL_AXCODES",
+    "HU_MAX",
+    "HU_MIN",
+    "MODEL_PIXEL_SPACING_MM",
+    "check_hounsfield",
+    "orientation_transform",
+    "slab_transform",
+    "to_metatensor",
+]
+
+#: Canonical frame of the model's input, in MONAI's (nibabel) axis-code convention: the
+#: letters name where each index axis points. "LPS" = i to Left, j to Posterior, k to
+#: Superior, which is how a DICOM axial slice is displayed.
+CANONICAL_AXCODES = "LPS"
+#: Lower HU clip: air. Scanners store -1024 as their floor (12-bit data, intercept -1024).
+HU_MIN = -1024.0
+#: Upper HU clip: above soft tissue and contrast-enhanced blood; bone saturates. The same
+#: window as lungmask's R231 preprocessing (Hofmanninger et al. 2020, Eur Radiol Exp 4:50).
+HU_MAX = 600.0
+#: In-plane pixel spacing the model works at (mm): a 512 mm field of view fits one 256-pixel
+#: window (lungmask R231 also works at 256x256 per slice); boundaries land between pixels
+#: after bilinear inversion of the probabilities; compute is bounded whatever the matrix.
+MODEL_PIXEL_SPACING_MM = 2.0
+
+#: Plausibility window for "this volume is in HU": outside-body air must be near -1000.
+#: Median of the lowest 1 % of voxels (air or the scanner's padding value).
+AIR_HU_RANGE = (-1100.0, -850.0)
+#: Padding values some scanners put outside the reconstruction circle.
+PADDING_FLOOR_HU = -3100.0
+
+
+def to_metatensor(volume: CTVolume, array: npt.NDArray[Any] | None = None) -> MetaTensor:
+    """Channel-first MetaTensor ``(1, i, j, k)`` with the volume's RAS affine (MONAI's
+    convention). ``array`` replaces the voxels (same grid)."""
+    arr = volume.array if array is None else array
+    data = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None]
+    return MetaTensor(data, affine=torch.as_tensor(volume.geometry.affine_ras, dtype=torch.float64))
+
+
+def orientation_transform(keys: str | list[str] = "image") -> Orientationd:
+    return Orientationd(keys=keys, axcodes=CANONICAL_AXCODES)
+
+
+def slab_transform(keys: str = "image", pixel_spacing_mm: float = MODEL_PIXEL_SPACING_MM
+                   ) -> Compose:
+    """In-plane resampling to the model spacing, then HU clip and scale to [0, 1]."""
+    return Compose([
+        Spacingd(keys=keys, pixdim=(pixel_spacing_mm, pixel_spacing_mm, -1.0),
+                 mode="bilinear", padding_mode="border", dtype=np.float32),
+        ScaleIntensityRanged(keys=keys, a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0,
+                             clip=True),
+    ])
+
+
+def check_hounsfield(volume: CTVolume) -> list[str]:
+    """Raise if the volume is clearly not in HU; return warnings for doubtful cases.
+
+    A CT in HU has air around the body near -1000 HU. A volume whose lowest values are far
+    from that (e.g. raw stored values 0..4095 with the rescale not applied, or a normalised
+    0..1 image) would give an all-background mask; medseg refuses it instead.
+    """
+    arr = volume.array
+    flat = arr.reshape(-1)
+    step = max(1, flat.size // 2_000_000)
+    sample = flat[::step].astype(np.float32)
+    sample = sample[sample > PADDING_FLOOR_HU]
+    if sample.size == 0:
+        raise InputError("every voxel is below -3100 HU: not a CT image in HU",
+                         path=volume.metadata.source_path)
+    low = float(np.percentile(sample, 1))
+    lo, hi = AIR_HU_RANGE
+    if not lo <= low <= hi:
+        raise InputError(
+            f"does not look like CT in Hounsfield units: the darkest 1 % of voxels is at "
+            f"{low:.0f}, air should be near -1000 (range {lo:.0f}..{hi:.0f}); "
+            "was the rescale slope/intercept lost, or the image normalised?",
+            path=volume.metadata.source_path)
+    return []

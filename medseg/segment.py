@@ -1,0 +1,174 @@
+"""Lung segmentation of one study: checks, inference, postprocessing, outputs.
+
+``segment(volume)`` returns labels on the volume's exact grid (0 background, 1 right lung,
+2 left lung); ``segment_study(input, out_dir)`` loads, segments and writes
+``lungs.nii.gz`` and ``segment.json`` (atomically), as ``medseg segment`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg._version import __version__
+from medseg.errors import ConfigError, InputError, ModalityError
+from medseg.inference.postprocess import LABEL_LEFT, LABEL_RIGHT, postprocess_labels
+from medseg.inference.threshold import BODY_MIN_HU, threshold_labels
+from medseg.io import load, save
+from medseg.io._atomic import atomic_output
+from medseg.volume import CTVolume
+
+__all__ = ["Method", "Segmentation", "StudyResult", "segment", "segment_study"]
+
+#: Plausible adult total lung volume at CT (mL): roughly 2-9 L across sex, size, disease and
+#: inspiration (e.g. COPDGene TLC/FRC ranges). Outside it a warning is written.
+PLAUSIBLE_LUNG_ML = (1000.0, 10000.0)
+#: Below this many slices the 3D postprocessing and volumes are unreliable (a warning).
+FEW_SLICES = 10
+
+
+class Method(str, Enum):
+    UNET = "unet"
+    THRESHOLD = "threshold"
+
+
+@dataclass
+class Segmentation:
+    labels: CTVolume
+    method: str
+    model: dict[str, Any] | None
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def volumes_ml(self) -> dict[str, float]:
+        counts = np.bincount(self.labels.array.ravel(), minlength=3)
+        v = self.labels.voxel_volume_ml()
+        right, left = float(counts[LABEL_RIGHT] * v), float(counts[LABEL_LEFT] * v)
+        return {"right": round(right, 2), "left": round(left, 2),
+                "total": round(right + left, 2)}
+
+
+@dataclass
+class StudyResult:
+    summary: dict[str, Any]
+    volume: CTVolume
+    segmentation: Segmentation
+    out_dir: Path
+
+
+def _check_input(volume: CTVolume) -> list[str]:
+    from medseg.preprocess import check_hounsfield
+
+    modality = volume.metadata.modality
+    if modality is not None and modality.upper() != "CT":
+        raise ModalityError(f"modality is {modality}; lung segmentation needs CT",
+                            path=volume.metadata.source_path,
+                            series=volume.metadata.series_instance_uid)
+    warnings = check_hounsfield(volume)
+    if not (volume.array > BODY_MIN_HU).any():
+        raise InputError("no body in the volume: every voxel is air (below -500 HU)",
+                         path=volume.metadata.source_path)
+    if volume.shape[0] < FEW_SLICES:
+        warnings.append(f"only {volume.shape[0]} slices: lung volumes and 3D postprocessing "
+                        "are unreliable")
+    return warnings
+
+
+def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any = None,
+            batch_size: int = 16, threads: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Segmentation:
+    """Segment the lungs of ``volume``; labels come back on its exact grid."""
+    try:
+        method = Method(method)
+    except ValueError as exc:
+        raise ConfigError(f"unknown method {method!r}; choose from "
+                          f"{', '.join(m.value for m in Method)}") from exc
+    warnings = _check_input(volume)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_info = None
+    if method is Method.THRESHOLD:
+        labels = threshold_labels(volume)
+    else:
+        from medseg.inference.unet import InferenceSettings, unet_labels
+        from medseg.models import load_model
+
+        loaded = model if model is not None and not isinstance(model, (str, Path)) \
+            else load_model(model or "lung2d-v1")
+        settings = InferenceSettings(batch_size=batch_size, threads=threads)
+        raw = unet_labels(volume, loaded, settings, progress=progress)
+        timings.update({k: round(v, 3) for k, v in settings.timings.items()})
+        t1 = time.perf_counter()
+        labels = postprocess_labels(raw)
+        timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
+        model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
+                      "architecture": loaded.spec.to_dict()}
+    timings["segment_s"] = round(time.perf_counter() - t0, 3)
+    meta = volume.metadata.copy()
+    meta.warnings = []
+    result = Segmentation(CTVolume(labels, volume.geometry, meta), method.value, model_info,
+                          timings, warnings)
+    vols = result.volumes_ml()
+    if vols["right"] == 0 and vols["left"] == 0:
+        result.warnings.append("no lung found: the mask is empty (is this a chest CT?)")
+    else:
+        for side in ("right", "left"):
+            if vols[side] == 0:
+                result.warnings.append(f"no {side} lung found")
+        lo, hi = PLAUSIBLE_LUNG_ML
+        if not lo <= vols["total"] <= hi:
+            result.warnings.append(
+                f"total lung volume {vols['total']:.0f} mL is outside the plausible "
+                f"{lo:.0f}-{hi:.0f} mL: partial field of view, or not a chest CT?")
+    return result
+
+
+def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | None = None,
+                  method: str | Method = Method.UNET, model: Any = None,
+                  batch_size: int = 16, threads: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> StudyResult:
+    """Load ``input_path``, segment, write ``lungs.nii.gz`` and ``segment.json`` in
+    ``out_dir``. Nothing is written if loading or segmentation fails."""
+    t0 = time.perf_counter()
+    volume = load(input_path, series=series)
+    t_load = time.perf_counter() - t0
+    result = segment(volume, method=method, model=model, batch_size=batch_size,
+                     threads=threads, progress=progress)
+    out = Path(out_dir)
+    t1 = time.perf_counter()
+    mask_path = save(result.labels, out / "lungs.nii.gz")
+    t_write = time.perf_counter() - t1
+    md = volume.metadata
+    summary: dict[str, Any] = {
+        "medseg_version": __version__,
+        "method": result.method,
+        "model": result.model,
+        "input": {
+            "path": str(input_path),
+            "format": md.source_format,
+            "series_instance_uid": md.series_instance_uid,
+            "modality": md.modality,
+            "shape_zyx": list(volume.shape),
+            **volume.geometry.to_dict(),
+            "corrections": list(md.corrections),
+        },
+        "outputs": {"labels": mask_path.name},
+        "labels": {"0": "background", str(LABEL_RIGHT): "right lung",
+                   str(LABEL_LEFT): "left lung"},
+        "volumes_ml": result.volumes_ml(),
+        "warnings": result.warnings,
+        "timings_s": {"load": round(t_load, 3), **result.timings,
+                      "write": round(t_write, 3),
+                      "total": round(time.perf_counter() - t0, 3)},
+    }
+    with atomic_output(out / "segment.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return StudyResult(summary=summary, volume=volume, segmentation=result,
+                       out_dir=out)

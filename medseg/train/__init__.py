@@ -1,0 +1,434 @@
+"""Training of the lung U-Net (``medseg train pipelines/train_lung2d.yaml``).
+
+Data: generated phantoms with exact labels (varied anatomy, pathology, noise, kernels and
+fields of view) and, when ``../shared/data`` is present, the training part of cip-ct64 (the
+one labelled real chest CT; its inferior lung slices are held out for validation). Every
+volume goes through the same orientation / resampling / HU scaling as inference
+(:mod:`medseg.preprocess`). Loss: Dice + cross-entropy (class imbalance); validation Dice per
+lung every epoch; early stopping; fixed seeds; CSV log and a loss/Dice plot; the best
+weights are saved with a model card holding their SHA-256.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.data import MetaTensor
+
+from medseg._version import __version__
+from medseg.config import from_mapping, read_yaml
+from medseg.errors import ConfigError
+from medseg.models import ModelSpec, build_network, sha256_of
+from medseg.volume import CTVolume
+
+__all__ = ["TrainConfig", "load_train_config", "prepare_slices", "train"]
+
+
+@dataclass
+class DataConfig:
+    phantoms: int = 48
+    phantom_val: int = 4
+    phantom_shape: list[int] = field(default_factory=lambda: [48, 192, 192])
+    shared_data: str | None = "../shared/data"
+    cip_val_fraction: float = 0.5
+    cip_weight: float = 0.25
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_res_units: int = 1
+    context_slices: int = 1
+    pixel_spacing_mm: float = 2.0
+    roi_size: int = 256
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 40
+    steps_per_epoch: int = 60
+    batch_size: int = 16
+    crop_size: int = 192
+    learning_rate: float = 2e-3
+    patience: int = 8
+
+
+@dataclass
+class TrainConfig:
+    job: str = "train"
+    name: str = "lung2d-v1"
+    output_dir: str = "out/train_lung2d"
+    seed: int = 0
+    threads: int | None = None
+    max_minutes: float = 45.0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.job != "train":
+            raise ValueError(f"job must be 'train', got {self.job!r}")
+        if len(self.model.channels) != len(self.model.strides) + 1:
+            raise ValueError("model.channels needs one more entry than model.strides")
+        if self.training.crop_size % (2 ** len(self.model.strides)):
+            raise ValueError("training.crop_size must be divisible by 2**len(strides)")
+        if not 0.0 < self.data.cip_val_fraction < 1.0:
+            raise ValueError("data.cip_val_fraction must be between 0 and 1")
+        for k in ("epochs", "steps_per_epoch", "batch_size", "patience"):
+            if getattr(self.training, k) < 1:
+                raise ValueError(f"training.{k} must be at least 1")
+
+    def spec(self) -> ModelSpec:
+        m = self.model
+        return ModelSpec(name=self.name, channels=tuple(m.channels), strides=tuple(m.strides),
+                         num_res_units=m.num_res_units, context_slices=m.context_slices,
+                         pixel_spacing_mm=m.pixel_spacing_mm, roi_size=m.roi_size)
+
+
+def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    data = read_yaml(path)
+    cfg = from_mapping(TrainConfig, data, path=Path(path))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg
+
+
+# -- data -----------------------------------------------------------------------------------
+def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
+                   ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
+    """The model's view of a volume, exactly as inference builds it: oriented, resampled in
+    plane, HU scaled. Returns image (K, I', J') float32 and labels (K, I', J') uint8."""
+    from monai.transforms import Spacingd
+
+    from medseg.preprocess import orientation_transform, slab_transform, to_metatensor
+
+    d: dict[Any, Any] = {"image": to_metatensor(image)}
+    keys = ["image"]
+    if labels is not None:
+        d["label"] = to_metatensor(labels, labels.array.astype(np.float32))
+        keys.append("label")
+    d = dict(orientation_transform(keys)(d))
+    img = cast(MetaTensor,
+               slab_transform("image", spec.pixel_spacing_mm)({"image": d["image"]})["image"])
+    out_img = np.ascontiguousarray(img.as_tensor()[0].numpy().transpose(2, 0, 1))
+    if labels is None:
+        return out_img.astype(np.float32), None
+    lab = Spacingd(keys="label", pixdim=(spec.pixel_spacing_mm, spec.pixel_spacing_mm, -1.0),
+                   mode="nearest", dtype=np.float32)({"label": d["label"]})["label"]
+    lab = cast(MetaTensor, lab)
+    out_lab = np.ascontiguousarray(lab.as_tensor()[0].numpy().transpose(2, 0, 1))
+    return out_img.astype(np.float32), np.rint(out_lab).astype(np.uint8)
+
+
+@dataclass
+class Sample:
+    name: str
+    image: npt.NDArray[np.float32]  # (K, I, J)
+    label: npt.NDArray[np.uint8]
+    weight: float = 1.0
+
+
+def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec) -> list[Sample]:
+    from medseg.synth import make_phantom
+
+    rng = np.random.default_rng(seeds[0] if seeds else 0)
+    out = []
+    for s in seeds:
+        # vary the field of view and resolution like real scanners
+        inplane = float(rng.uniform(0.6, 1.0)) * 512 / max(shape[1], shape[2])
+        sz = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
+        image, labels = make_phantom(seed=s, shape=tuple(shape), spacing=(inplane, inplane, sz))
+        img, lab = prepare_slices(image, labels, spec)
+        assert lab is not None
+        out.append(Sample(f"phantom_{s}", img, lab))
+    return out
+
+
+def _cip_samples(root: Path, spec: ModelSpec, val_fraction: float
+                 ) -> tuple[Sample, Sample] | None:
+    """cip-ct64 split along z: the inferior ``val_fraction`` of the lung-bearing slices (and
+    everything below) is validation; the rest is training. Labels: CIP's label map, regions
+    12-14 right lung thirds -> 1, regions 9-11 left lung thirds -> 2."""
+    from medseg.io import load
+
+    ct_dir, lm_path = root / "cip-ct64" / "ct-64Dicom", root / "cip-ct64" / "lm-64.nrrd"
+    if not ct_dir.is_dir() or not lm_path.exists():
+        return None
+    image = load(ct_dir)
+    lm = load(lm_path)
+    region = lm.array % 256
+    lab = np.zeros(region.shape, np.uint8)
+    lab[(region >= 12) & (region <= 14)] = 1
+    lab[(region >= 9) & (region <= 11)] = 2
+    img, lab_r = prepare_slices(image, image.with_array(lab), spec)
+    assert lab_r is not None
+    ks = np.flatnonzero(lab_r.reshape(lab_r.shape[0], -1).any(axis=1))
+    cut = int(ks[0] + round(val_fraction * (ks[-1] - ks[0] + 1)))
+    # oriented k runs inferior -> superior: validation = slices below the cut
+    return (Sample("cip-ct64-train", img[cut:], lab_r[cut:]),
+            Sample("cip-ct64-val", img[:cut], lab_r[:cut]))
+
+
+def cip_split_index(root: Path, spec: ModelSpec, val_fraction: float) -> int | None:
+    """The oriented slice index where cip-ct64's validation part ends (for evaluation)."""
+    res = _cip_samples(root, spec, val_fraction)
+    return None if res is None else res[1].image.shape[0]
+
+
+def _context(stack: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:
+    idx = np.clip(np.arange(k - c, k + c + 1), 0, stack.shape[0] - 1)
+    return stack[idx]
+
+
+def _augment() -> Any:
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    # No left-right flips: they would swap the anatomy of the right and left lung.
+    return Compose([
+        RandAffined(keys=["image", "label"], prob=0.8, rotate_range=(np.pi / 12,),
+                    scale_range=(0.2, 0.2), translate_range=(20, 20),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandGaussianSmoothd(keys="image", prob=0.25, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+        RandGaussianNoised(keys="image", prob=0.4, std=0.03),
+        RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
+        RandShiftIntensityd(keys="image", prob=0.3, offsets=0.05),
+        RandAdjustContrastd(keys="image", prob=0.2, gamma=(0.8, 1.25)),
+    ])
+
+
+class SliceSampler:
+    """Random 2.5D training crops from prepared volumes, weighted per source."""
+
+    def __init__(self, samples: list[Sample], context: int, crop: int, seed: int) -> None:
+        self.samples = samples
+        self.context = context
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+        w = np.array([s.weight for s in samples], float)
+        self.p = w / w.sum()
+        self.lung_slices = [np.flatnonzero(s.label.reshape(s.label.shape[0], -1).any(axis=1))
+                            for s in samples]
+        self.aug = _augment()
+        self.aug.set_random_state(seed=seed)
+
+    def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]
+              ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+        c = self.crop
+        _, h, w = img.shape
+        ph, pw = max(0, c - h), max(0, c - w)
+        if ph or pw:
+            pad = ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+            img, lab = np.pad(img, pad), np.pad(lab, pad[1:])
+            _, h, w = img.shape
+        y0 = int(self.rng.integers(0, h - c + 1))
+        x0 = int(self.rng.integers(0, w - c + 1))
+        return img[:, y0:y0 + c, x0:x0 + c], lab[y0:y0 + c, x0:x0 + c]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(n):
+            i = int(self.rng.choice(len(self.samples), p=self.p))
+            s = self.samples[i]
+            lung = self.lung_slices[i]
+            if lung.size and self.rng.random() < 0.85:
+                k = int(self.rng.choice(lung))
+            else:
+                k = int(self.rng.integers(0, s.image.shape[0]))
+            img, lab = self._crop(_context(s.image, k, self.context), s.label[k])
+            d = self.aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
+                          "label": torch.from_numpy(lab[None].astype(np.float32))})
+            xs.append(torch.as_tensor(d["image"]).float())
+            ys.append(torch.as_tensor(d["label"]).round().long())
+        return torch.stack(xs), torch.stack(ys)
+
+
+# -- evaluation on prepared volumes -----------------------------------------------------------
+def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], context: int,
+                     divisor: int, batch: int = 16) -> npt.NDArray[np.uint8]:
+    """Argmax labels for a prepared (K, I, J) stack (whole slices, padded to ``divisor``)."""
+    k, h, w = image.shape
+    ph, pw = (-h) % divisor, (-w) % divisor
+    padded = np.pad(image, ((0, 0), (0, ph), (0, pw)))
+    out = np.zeros((k, h, w), np.uint8)
+    net.eval()
+    with torch.inference_mode():
+        for k0 in range(0, k, batch):
+            ks = range(k0, min(k, k0 + batch))
+            x = torch.from_numpy(np.stack([_context(padded, kk, context) for kk in ks]))
+            out[k0:k0 + len(ks)] = net(x).argmax(1)[:, :h, :w].numpy().astype(np.uint8)
+    return out
+
+
+def dice_per_lung(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[str, float]:
+    out = {}
+    for name, lab in (("right", 1), ("left", 2)):
+        p, r = pred == lab, ref == lab
+        denom = int(p.sum() + r.sum())
+        out[name] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return out
+
+
+# -- the loop -------------------------------------------------------------------------------
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], label="train loss (Dice+CE)")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key in ("val_dice_right", "val_dice_left", "val_dice_cip_right", "val_dice_cip_left"):
+        if any(key in r for r in rows):
+            ax[1].plot(ep, [r.get(key, np.nan) for r in rows], label=key)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
+          shared_data: str | Path | None = None) -> dict[str, Any]:
+    """Run training as configured; returns the model card written beside the weights."""
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    t_start = time.monotonic()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_determinism(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    spec = cfg.spec()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    seeds = [cfg.seed + i for i in range(d.phantoms)]
+    val_seeds = [cfg.seed + 100_000 + i for i in range(d.phantom_val)]
+    log(f"preparing {len(seeds)} training and {len(val_seeds)} validation phantoms")
+    train_samples = _phantom_samples(seeds, d.phantom_shape, spec)
+    val_samples = _phantom_samples(val_seeds, d.phantom_shape, spec)
+    data_note = [f"{len(seeds)} phantoms (medseg.synth, seeds {seeds[0]}..{seeds[-1]})"]
+    root = Path(shared_data or os.environ.get("MEDSEG_SHARED_DATA") or (d.shared_data or ""))
+    cip = _cip_samples(root, spec, d.cip_val_fraction) if d.shared_data or shared_data else None
+    if cip is not None:
+        cip_train, cip_val = cip
+        n_ph = len(train_samples)
+        cip_train.weight = d.cip_weight * n_ph / (1 - d.cip_weight) if d.cip_weight < 1 else 1.0
+        train_samples.append(cip_train)
+        val_samples.append(cip_val)
+        data_note.append(f"cip-ct64 superior {1 - d.cip_val_fraction:.0%} of lung slices "
+                         f"({cip_train.image.shape[0]} slices; the rest is validation)")
+        log(f"cip-ct64: {cip_train.image.shape[0]} training / {cip_val.image.shape[0]} "
+            "validation slices")
+    else:
+        log("cip-ct64 not found: training on phantoms only")
+    t = cfg.training
+    sampler = SliceSampler(train_samples, spec.context_slices, t.crop_size, cfg.seed)
+    net = build_network(spec)
+    opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    divisor = 2 ** len(spec.strides)
+    rows: list[dict[str, Any]] = []
+    best, best_epoch, best_state = -1.0, 0, None
+    csv_path = out_dir / "log.csv"
+    stopped = "epochs done"
+    for epoch in range(1, t.epochs + 1):
+        net.train()
+        losses = []
+        te = time.monotonic()
+        for _ in range(t.steps_per_epoch):
+            x, y = sampler.batch(t.batch_size)
+            opt.zero_grad()
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.item()))
+        sched.step()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5),
+                               "lr": round(float(sched.get_last_lr()[0]), 7)}
+        dices: list[float] = []
+        ph_scores = []
+        for s in val_samples:
+            pred = predict_prepared(net, s.image, spec.context_slices, divisor)
+            dd = dice_per_lung(pred, s.label)
+            if s.name.startswith("cip"):
+                row["val_dice_cip_right"] = round(dd["right"], 4)
+                row["val_dice_cip_left"] = round(dd["left"], 4)
+            else:
+                ph_scores.append(dd)
+            dices += [dd["right"], dd["left"]]
+        if ph_scores:
+            row["val_dice_right"] = round(float(np.mean([p["right"] for p in ph_scores])), 4)
+            row["val_dice_left"] = round(float(np.mean([p["left"] for p in ph_scores])), 4)
+        score = float(np.mean(dices))
+        row["val_score"] = round(score, 4)
+        row["seconds"] = round(time.monotonic() - te, 1)
+        rows.append(row)
+        with open(csv_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r},
+                                                          key=lambda k: list(row).index(k)
+                                                          if k in row else 99))
+            writer.writeheader()
+            writer.writerows(rows)
+        log(" ".join(f"{k}={v}" for k, v in row.items()))
+        if score > best:
+            best, best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if epoch - best_epoch >= t.patience:
+            stopped = f"early stop: no better validation score for {t.patience} epochs"
+            break
+        if (time.monotonic() - t_start) / 60 > cfg.max_minutes:
+            stopped = f"time budget of {cfg.max_minutes} min reached"
+            break
+    if best_state is None:
+        raise ConfigError("training produced no model (no epoch completed)")
+    _plot(rows, out_dir / "curves.png")
+    weights = out_dir / f"{cfg.name}.pt"
+    torch.save(best_state, weights)
+    best_row = rows[best_epoch - 1]
+    card = {
+        "name": cfg.name,
+        "medseg_version": __version__,
+        "weights_file": weights.name,
+        "sha256": sha256_of(weights),
+        "architecture": spec.to_dict(),
+        "n_parameters": int(sum(p.numel() for p in net.parameters())),
+        "training": {
+            "data": data_note,
+            "config": asdict(cfg),
+            "epochs_run": len(rows),
+            "best_epoch": best_epoch,
+            "best_validation": best_row,
+            "stopped": stopped,
+            "minutes": round((time.monotonic() - t_start) / 60, 1),
+            "torch": torch.__version__,
+        },
+    }
+    (out_dir / f"{cfg.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    log(f"best epoch {best_epoch} (validation score {best:.4f}); wrote {weights}")
+    return card
