@@ -71,7 +71,10 @@ def to_metatensor(volume: CTVolume, array: npt.NDArray[Any] | None = None) -> Me
 
 
 def orientation_transform(keys: str | list[str] = "image") -> Orientationd:
-    return Orientationd(keys=keys, axcodes=CANONICAL_AXCODES)
+    # labels given explicitly: nibabel's axis-code convention for a RAS-affine MetaTensor
+    # (MONAI's default, stated here so a change of MONAI's default cannot flip the frame).
+    return Orientationd(keys=keys, axcodes=CANONICAL_AXCODES,
+                        labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
 def slab_transform(keys: str = "image", pixel_spacing_mm: float = MODEL_PIXEL_SPACING_MM

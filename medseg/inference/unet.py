@@ -85,7 +85,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         ta = time.perf_counter()
         shift = torch.eye(4, dtype=torch.float64)
         shift[2, 3] = lo
-        slab = MetaTensor(oriented[..., lo:hi].clone().float(), affine=aff @ shift)
+        slab = MetaTensor(oriented.as_tensor()[..., lo:hi].float(), affine=aff @ shift)
         data = pre({"image": slab})
         img = cast(MetaTensor, data["image"])
         # replicate edge slices so every core slice has its neighbours

@@ -1,0 +1,121 @@
+"""End-to-end lung segmentation time: medseg versus lungmask R231, same machine, same run.
+
+Usage:
+    python benchmarks/segment_vs_lungmask.py [--case philips|synthetic300|all] [--threads N]
+
+Cases: ``philips`` = ../shared/data/chest-ct-philips-141 (141 x 512 x 512, DICOM);
+``synthetic300`` = a 300 x 512 x 512 phantom written as NIfTI. Both tools read the same input
+file(s) from disk and write a NIfTI mask, timed from the start of reading to the written mask.
+
+lungmask runs its own ``LMInferer`` pipeline (its preprocessing, its 31 M-parameter U-Net at
+256 x 256, its postprocessing). Its weights cannot be downloaded here, so its U-Net is built
+with random weights (seeded): the arithmetic is the same as with trained weights; only its
+postprocessing, which depends on the predicted mask, may take a different time.
+Needs ``pip install lungmask`` (the ``bench`` extra).
+
+Peak memory of medseg on a 512 x 512 x 600 volume: ``--memory`` runs ``medseg segment`` in a
+child process and reports its maximum resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def make_synthetic(path: Path, n_slices: int) -> Path:
+    from medseg.io import save
+    from medseg.synth import make_phantom
+
+    image, _ = make_phantom(seed=7, shape=(n_slices, 512, 512), spacing=(0.7, 0.7, 1.0))
+    save(image, path)
+    return path
+
+
+def run_medseg(src: Path, out: Path, threads: int | None) -> float:
+    from medseg.segment import segment_study
+
+    t0 = time.perf_counter()
+    segment_study(src, out, threads=threads)
+    return time.perf_counter() - t0
+
+
+def run_lungmask(src: Path, out: Path, threads: int | None) -> float:
+    import SimpleITK as sitk
+    import torch
+    from lungmask import LMInferer
+    from lungmask.resunet import UNet
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = UNet(n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True,
+               residual=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "r231_random.pth"
+        torch.save(net.state_dict(), weights)
+        inferer = LMInferer(modelpath=str(weights), force_cpu=True, tqdm_disable=True)
+        t0 = time.perf_counter()
+        if src.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(src)))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(src))
+        mask = inferer.apply(image)
+        out_img = sitk.GetImageFromArray(mask)
+        out_img.CopyInformation(image)
+        out.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(out_img, str(out / "lungmask.nii.gz"), useCompression=True)
+        return time.perf_counter() - t0
+
+
+def peak_memory(src: Path, out: Path) -> float:
+    """Maximum RSS (GiB) of a child process running ``medseg segment``."""
+    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q"]
+    subprocess.run(cmd, check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=["philips", "synthetic300", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory", action="store_true",
+                    help="only measure medseg's peak memory on a 600-slice 512x512 volume")
+    args = ap.parse_args()
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpd = Path(tmp)
+        if args.memory:
+            src = make_synthetic(tmpd / "ct600.nii.gz", 600)
+            gib = peak_memory(src, tmpd / "out_mem")
+            print(f"medseg segment, 512x512x600: peak RSS {gib:.2f} GiB")
+            return
+        cases = []
+        if args.case in ("philips", "all"):
+            cases.append(("chest-ct-philips-141 (DICOM 512x512x141)",
+                          SHARED / "chest-ct-philips-141"))
+        if args.case in ("synthetic300", "all"):
+            cases.append(("synthetic 512x512x300 (NIfTI)",
+                          make_synthetic(tmpd / "ct300.nii.gz", 300)))
+        for label, src in cases:
+            t_med = run_medseg(src, tmpd / "medseg", args.threads)
+            t_lm = run_lungmask(src, tmpd / "lungmask", args.threads)
+            print(f"{label}: medseg {t_med:.1f} s, lungmask R231 {t_lm:.1f} s, "
+                  f"ratio {t_lm / t_med:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
