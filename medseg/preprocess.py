@@ -37,6 +37,7 @@ __all__ = [
     "MODEL_PIXEL_SPACING_MM",
     "check_hounsfield",
     "orientation_transform",
+    "slab_as_2d",
     "slab_transform",
     "to_metatensor",
 ]
@@ -66,8 +67,19 @@ def to_metatensor(volume: CTVolume, array: npt.NDArray[Any] | None = None) -> Me
     """Channel-first MetaTensor ``(1, i, j, k)`` with the volume's RAS affine (MONAI's
     convention). ``array`` replaces the voxels (same grid)."""
     arr = volume.array if array is None else array
-    data = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None]
+    data = torch.from_numpy(arr.transpose(2, 1, 0))[None]  # a strided view, no copy
     return MetaTensor(data, affine=torch.as_tensor(volume.geometry.affine_ras, dtype=torch.float64))
+
+
+def slab_as_2d(oriented: MetaTensor, k0: int, k1: int) -> MetaTensor:
+    """Slices ``k0:k1`` of an oriented ``(1, I, J, K)`` volume as a 2D MetaTensor
+    ``(k1 - k0, I, J)`` whose channels are the slices, with the in-plane spacing as its 2D
+    affine (world position is irrelevant to in-plane resampling, which is inverted exactly)."""
+    spacing = torch.linalg.norm(oriented.affine[:3, :3].double(), dim=0)
+    affine = torch.diag(torch.tensor([float(spacing[0]), float(spacing[1]), 1.0],
+                                     dtype=torch.float64))
+    data = oriented.as_tensor()[0, :, :, k0:k1].permute(2, 0, 1).float()
+    return MetaTensor(data, affine=affine)
 
 
 def orientation_transform(keys: str | list[str] = "image") -> Orientationd:

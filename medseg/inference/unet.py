@@ -22,7 +22,12 @@ from monai.inferers import SliceInferer
 from monai.transforms import Invertd
 
 from medseg.models import LoadedModel
-from medseg.preprocess import orientation_transform, slab_transform, to_metatensor
+from medseg.preprocess import (
+    orientation_transform,
+    slab_as_2d,
+    slab_transform,
+    to_metatensor,
+)
 from medseg.volume import CTVolume
 
 __all__ = ["InferenceSettings", "unet_labels"]
@@ -39,12 +44,6 @@ class InferenceSettings:
     slab_slices: int = 48
     overlap: float = WINDOW_OVERLAP
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _context_channels(slab: torch.Tensor, context: int) -> torch.Tensor:
-    """(1, I, J, n) -> (2c+1, I, J, n - 2c): each slice with its neighbours as channels."""
-    n = slab.shape[-1]
-    return torch.cat([slab[..., s:n - 2 * context + s] for s in range(2 * context + 1)], dim=0)
 
 
 def _argmax3(p_right: torch.Tensor, p_left: torch.Tensor) -> torch.Tensor:
@@ -77,43 +76,39 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
                            progress=False)
     settings.timings["orient_s"] = time.perf_counter() - t0
     t_pre = t_net = t_inv = 0.0
-    aff = oriented.affine.clone()
     done = 0
     for k0 in range(0, n_slices, settings.slab_slices):
         k1 = min(n_slices, k0 + settings.slab_slices)
         lo, hi = max(0, k0 - ctx), min(n_slices, k1 + ctx)
         ta = time.perf_counter()
-        shift = torch.eye(4, dtype=torch.float64)
-        shift[2, 3] = lo
-        slab = MetaTensor(oriented.as_tensor()[..., lo:hi].float(), affine=aff @ shift)
-        data = pre({"image": slab})
-        img = cast(MetaTensor, data["image"])
+        img = cast(MetaTensor, pre({"image": slab_as_2d(oriented, lo, hi)})["image"])
+        x = img.as_tensor()  # (hi - lo, I', J')
         # replicate edge slices so every core slice has its neighbours
         pad_lo, pad_hi = ctx - (k0 - lo), ctx - (hi - k1)
-        x = img.as_tensor()
         if pad_lo or pad_hi:
-            x = torch.cat([x[..., :1]] * pad_lo + [x] + [x[..., -1:]] * pad_hi, dim=-1)
-        x = _context_channels(x, ctx)[None]  # (1, C, I', J', k1-k0)
+            x = torch.cat([x[:1]] * pad_lo + [x] + [x[-1:]] * pad_hi, dim=0)
+        n_core = k1 - k0
+        # (1, C, I', J', n_core): each core slice with its neighbours as channels
+        x = torch.stack([x[s:s + n_core] for s in range(2 * ctx + 1)], dim=0)
+        x = x.permute(0, 2, 3, 1)[None]
         tb = time.perf_counter()
         with torch.inference_mode():
             logits = inferer(x, model.network)
         # Lung channels only: bilinear inversion is linear, so the background probability
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
-        probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', k1-k0)
+        probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)
         tc = time.perf_counter()
-        # pad back to the slab's slices so Invertd sees the grid the slab had
-        full = torch.zeros((probs.shape[0], *img.shape[1:]), dtype=probs.dtype)
-        core = slice(k0 - lo, k0 - lo + (k1 - k0))
-        full[..., core] = probs
-        pred = MetaTensor(full, applied_operations=img.applied_operations)
+        pred = MetaTensor(probs.permute(0, 3, 1, 2).reshape(2 * n_core, *probs.shape[1:3]),
+                          applied_operations=img.applied_operations)
         pred.meta = img.meta
-        inv = cast(MetaTensor, invert({"pred": pred, "image": img})["pred"]).as_tensor()[..., core]
-        labels_oriented[..., k0:k1] = _argmax3(inv[0], inv[1])
+        inv = cast(MetaTensor, invert({"pred": pred, "image": img})["pred"]).as_tensor()
+        inv = inv.reshape(2, n_core, *inv.shape[1:])  # (2, n_core, I, J)
+        labels_oriented[..., k0:k1] = _argmax3(inv[0], inv[1]).permute(1, 2, 0)
         td = time.perf_counter()
         t_pre += tb - ta
         t_net += tc - tb
         t_inv += td - tc
-        done += k1 - k0
+        done += n_core
         if progress is not None:
             progress(done, n_slices)
     t1 = time.perf_counter()

@@ -112,7 +112,12 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
     plane, HU scaled. Returns image (K, I', J') float32 and labels (K, I', J') uint8."""
     from monai.transforms import Spacingd
 
-    from medseg.preprocess import orientation_transform, slab_transform, to_metatensor
+    from medseg.preprocess import (
+        orientation_transform,
+        slab_as_2d,
+        slab_transform,
+        to_metatensor,
+    )
 
     d: dict[Any, Any] = {"image": to_metatensor(image)}
     keys = ["image"]
@@ -120,16 +125,17 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
         d["label"] = to_metatensor(labels, labels.array.astype(np.float32))
         keys.append("label")
     d = dict(orientation_transform(keys)(d))
-    img = cast(MetaTensor,
-               slab_transform("image", spec.pixel_spacing_mm)({"image": d["image"]})["image"])
-    out_img = np.ascontiguousarray(img.as_tensor()[0].numpy().transpose(2, 0, 1))
+    n = int(d["image"].shape[-1])
+    img = cast(MetaTensor, slab_transform("image", spec.pixel_spacing_mm)(
+        {"image": slab_as_2d(d["image"], 0, n)})["image"])
+    out_img = np.ascontiguousarray(img.as_tensor().numpy(), dtype=np.float32)
     if labels is None:
-        return out_img.astype(np.float32), None
-    lab = Spacingd(keys="label", pixdim=(spec.pixel_spacing_mm, spec.pixel_spacing_mm, -1.0),
-                   mode="nearest", dtype=np.float32)({"label": d["label"]})["label"]
-    lab = cast(MetaTensor, lab)
-    out_lab = np.ascontiguousarray(lab.as_tensor()[0].numpy().transpose(2, 0, 1))
-    return out_img.astype(np.float32), np.rint(out_lab).astype(np.uint8)
+        return out_img, None
+    lab = Spacingd(keys="label", pixdim=(spec.pixel_spacing_mm, spec.pixel_spacing_mm),
+                   mode="nearest", dtype=np.float32)(
+        {"label": slab_as_2d(d["label"], 0, n)})["label"]
+    out_lab = cast(MetaTensor, lab).as_tensor().numpy()
+    return out_img, np.rint(out_lab).astype(np.uint8)
 
 
 @dataclass
