@@ -40,13 +40,14 @@ def _largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
 
 
 def _fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Enclosed holes in 3D, then per axial slice (a nodule or vessel surrounded by lung in
-    its slice but open above or below)."""
-    filled = ndimage.binary_fill_holes(mask)
+    """Fill holes enclosed in each axial slice (a nodule or vessel surrounded by lung in its
+    slice, even if open above or below). This includes every hole enclosed in 3D: a cavity
+    closed in 3D is closed in each slice through it."""
+    filled = mask.copy()
     for k in range(filled.shape[0]):
         if filled[k].any():
             filled[k] = ndimage.binary_fill_holes(filled[k])
-    return np.asarray(filled, dtype=bool)
+    return filled
 
 
 def postprocess_labels(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
