@@ -59,10 +59,14 @@ def postprocess_labels(labels: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
         return out
     sub = labels[box]
     res = out[box]
+    kept = {}
     for lab in (LABEL_RIGHT, LABEL_LEFT):
-        mask = sub == lab
-        if not mask.any():
-            continue
-        mask = _fill_holes(_largest_component(mask))
-        res[mask & (res == 0)] = lab
+        if (sub == lab).any():
+            kept[lab] = _largest_component(sub == lab)
+    for lab, mask in kept.items():
+        others = [m for other, m in kept.items() if other != lab]
+        filled = _fill_holes(mask)
+        for m in others:
+            filled &= ~m
+        res[filled & (res == 0)] = lab
     return out
