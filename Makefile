@@ -1,5 +1,5 @@
 # medseg developer commands. Each target does its own set-up on a fresh machine.
-#   make demo   - install, then run the main job on sample_data/
+#   make demo   - install, then segment the lungs of the phantom study in sample_data/
 #   make test   - install (incl. system packages), then lint, type-check and run the tests
 PYTHON ?= python3
 VENV   ?= .venv
@@ -31,7 +31,7 @@ test: system-deps install lint
 
 demo: install
 	$(BIN)/medseg info sample_data/phantom_000/dicom
-	$(BIN)/medseg convert sample_data/phantom_000/dicom out/phantom_000_ct.nii.gz
+	$(BIN)/medseg segment sample_data/phantom_000/dicom -o out/phantom_000
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -38,7 +38,7 @@ __all__ = ["TrainConfig", "load_train_config", "prepare_slices", "train"]
 class DataConfig:
     phantoms: int = 48
     phantom_val: int = 4
-    phantom_shape: list[int] = field(default_factory=lambda: [48, 192, 192])
+    phantom_shape: list[int] = field(default_factory=lambda: [96, 192, 192])
     shared_data: str | None = "../shared/data"
     cip_val_fraction: float = 0.5
     cip_weight: float = 0.25
@@ -152,10 +152,13 @@ def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec) -> lis
     rng = np.random.default_rng(seeds[0] if seeds else 0)
     out = []
     for s in seeds:
-        # vary the field of view and resolution like real scanners
+        # vary the field of view and resolution like real scanners; the slice count follows
+        # a 180-320 mm coverage, capped at shape[0] (then only part of the chest is seen)
         inplane = float(rng.uniform(0.6, 1.0)) * 512 / max(shape[1], shape[2])
         sz = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
-        image, labels = make_phantom(seed=s, shape=tuple(shape), spacing=(inplane, inplane, sz))
+        nz = int(min(shape[0], max(16, round(float(rng.uniform(180, 320)) / sz))))
+        image, labels = make_phantom(seed=s, shape=(nz, shape[1], shape[2]),
+                                     spacing=(inplane, inplane, sz))
         img, lab = prepare_slices(image, labels, spec)
         assert lab is not None
         out.append(Sample(f"phantom_{s}", img, lab))
