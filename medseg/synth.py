@@ -274,8 +274,8 @@ def make_phantom(
     airway_segments = [(top, carina, rng.uniform(7, 10))]
     for sign, angle in ((-1.0, rng.uniform(20, 35)), (1.0, rng.uniform(35, 50))):
         length = rng.uniform(35, 50)
-        d = np.array([sign * np.sin(np.radians(angle)), 0.1, -np.cos(np.radians(angle))])
-        airway_segments.append((carina, carina + d * length, rng.uniform(5, 7)))
+        heading = np.array([sign * np.sin(np.radians(angle)), 0.1, -np.cos(np.radians(angle))])
+        airway_segments.append((carina, carina + heading * length, rng.uniform(5, 7)))
     for a, b, r in airway_segments:
         wall = cv.tube(a, b, r + 1.5)
         if wall is not None:

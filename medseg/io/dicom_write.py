@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medseg._version import __version__
 from medseg.errors import OutputError
@@ -32,10 +32,10 @@ __all__ = ["write_dicom_series"]
 _DATE, _TIME = "20260101", "120000"
 
 
-def _uid(seed: str | None, *parts: object) -> str:
+def _uid(seed: str | None, *parts: object) -> UID:
     if seed is None:
-        return str(generate_uid())
-    return str(generate_uid(entropy_srcs=[seed, *[str(p) for p in parts]]))
+        return generate_uid()
+    return generate_uid(entropy_srcs=[seed, *[str(p) for p in parts]])
 
 
 def _ds(value: float) -> str:
@@ -66,8 +66,8 @@ def write_dicom_series(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError("output folder exists and is not empty", path=out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or _uid(uid_seed, "study")
-    series_uid = series_uid or _uid(uid_seed, "series")
+    study = UID(study_uid) if study_uid else _uid(uid_seed, "study")
+    series = UID(series_uid) if series_uid else _uid(uid_seed, "series")
     frame_uid = _uid(uid_seed, "frame")
     g = volume.geometry
     sx, sy, sz = g.spacing
@@ -84,7 +84,7 @@ def write_dicom_series(
             meta.MediaStorageSOPClassUID = CTImageStorage
             meta.MediaStorageSOPInstanceUID = sop_uid
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+            meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
             meta.ImplementationVersionName = f"medseg {__version__}"[:16]
             ds = Dataset()
             ds.file_meta = meta
@@ -110,8 +110,8 @@ def write_dicom_series(
             ds.KVP = "120"
             ds.ConvolutionKernel = volume.metadata.convolution_kernel or "STANDARD"
             ds.PatientPosition = "HFS"
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
+            ds.StudyInstanceUID = study
+            ds.SeriesInstanceUID = series
             ds.StudyID = "1"
             ds.SeriesNumber = series_number
             ds.AcquisitionNumber = 1
