@@ -151,6 +151,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fmt_metric(v: float) -> str:
+    return "inf" if v == float("inf") else f"{v:.3f}"
+
+
+def _cmd_validate_model(args: argparse.Namespace) -> int:
+    from medseg.train.validate import validate_on_cip
+
+    shared = args.shared_data or _default_shared_data()
+    res = validate_on_cip(shared, method=args.method, model=args.model,
+                          val_fraction=args.val_fraction)
+    if args.json:
+        from medseg.evaluate import to_jsonable
+
+        print(json.dumps(to_jsonable(res), indent=2))
+        return EXIT_OK
+    name = res["model"]["name"] if res["model"] else res["method"]
+    print(f"{name} on {res['data']}, held-out slices {res['validation_slices'][0]}-"
+          f"{res['validation_slices'][1]} (z {res['validation_z_mm'][0]} to "
+          f"{res['validation_z_mm'][1]} mm)")
+    keys = ("dice", "iou", "hd", "hd95", "assd", "nsd", "volume_diff_ml")
+    print(f"  {'label':<6}" + "".join(f"{k:>15}" for k in keys))
+    for label, m in res["metrics"].items():
+        print(f"  {label:<6}" + "".join(f"{_fmt_metric(m[k]):>15}" for k in keys))
+    return EXIT_OK
+
+
+def _default_shared_data() -> Path:
+    import os
+
+    env = os.environ.get("MEDSEG_SHARED_DATA")
+    return Path(env) if env else Path("../shared/data")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from medseg.config import read_yaml
     from medseg.errors import ConfigError
@@ -250,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="override max_minutes")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch log")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "validate-model", help="score a lung model on the held-out part of cip-ct64",
+        description="Segment ../shared/data/cip-ct64 end to end and score the inferior part "
+        "of the lungs, which training holds out (the same cut as pipelines/train_lung2d.yaml): "
+        "Dice, IoU, Hausdorff, HD95, ASSD, NSD and volume difference per lung and for both, "
+        "on the study's own grid. The numbers in docs/model-card.md come from this command.")
+    p.add_argument("--shared-data", type=Path, default=None,
+                   help="folder holding cip-ct64 (default $MEDSEG_SHARED_DATA or "
+                   "../shared/data)")
+    p.add_argument("--method", choices=["unet", "threshold"], default="unet",
+                   help="what to score (default unet)")
+    p.add_argument("--model", default=None,
+                   help="shipped model name or path to a model card .json (default lung2d-v1)")
+    p.add_argument("--val-fraction", type=float, default=0.5,
+                   help="held-out inferior fraction of the lung slices (default 0.5, as "
+                   "trained)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_validate_model)
 
     p = sub.add_parser(
         "run", help="run a job described by a pipelines/*.yaml file",

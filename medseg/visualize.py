@@ -62,8 +62,10 @@ def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n
         present = np.arange(ct.shape[axis])
     picks = np.linspace(present[0], present[-1], n + 2)[1:-1].round().astype(int)
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(width_in, width_in / columns * rows),
-                             squeeze=False)
+    panel = np.take(ct, 0, axis=axis).shape  # (height, width) in pixels
+    height_ratio = panel[0] * aspect / panel[1]
+    fig, axes = plt.subplots(rows, columns, squeeze=False, figsize=(
+        width_in, width_in / columns * rows * height_ratio + 0.3 * rows))
     lo, hi = LUNG_WINDOW
     for ax, idx in zip(axes.ravel(), picks, strict=False):
         sl_ct = np.take(ct, idx, axis=axis)

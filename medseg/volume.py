@@ -162,6 +162,8 @@ class VolumeMetadata:
     convolution_kernel: str | None = None
     slice_thickness_mm: float | None = None
     body_part: str | None = None
+    #: ContrastBolusAgent (0018,0010) when the header names one (None: not stated).
+    contrast_agent: str | None = None
     study_date: str | None = None
     #: Identifying data: never printed in reports unless asked for.
     patient_id: str | None = None

@@ -156,6 +156,7 @@ class SeriesInfo:
     kernel: str | None = None
     frame_of_reference_uid: str | None = None
     body_part: str | None = None
+    contrast_agent: str | None = None
     study_date: str | None = None
     patient_id: str | None = None
     patient_name: str | None = None
@@ -424,6 +425,7 @@ def _series_fields(ds: Dataset) -> dict[str, Any]:
         kernel=_str(ds, "ConvolutionKernel"),
         frame_of_reference_uid=_str(ds, "FrameOfReferenceUID"),
         body_part=_str(ds, "BodyPartExamined"),
+        contrast_agent=_str(ds, "ContrastBolusAgent"),
         study_date=_str(ds, "StudyDate"),
         patient_id=_str(ds, "PatientID"),
         patient_name=_str(ds, "PatientName"),
@@ -863,6 +865,7 @@ def load_series(s: SeriesInfo) -> CTVolume:
         convolution_kernel=s.kernel,
         slice_thickness_mm=float(np.median(thickness)) if thickness else None,
         body_part=s.body_part,
+        contrast_agent=s.contrast_agent,
         study_date=s.study_date,
         patient_id=s.patient_id,
         patient_name=s.patient_name,

@@ -165,35 +165,42 @@ def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec) -> lis
     return out
 
 
-def _cip_samples(root: Path, spec: ModelSpec, val_fraction: float
-                 ) -> tuple[Sample, Sample] | None:
-    """cip-ct64 split along z: the inferior ``val_fraction`` of the lung-bearing slices (and
-    everything below) is validation; the rest is training. Labels: CIP's label map, regions
-    12-14 right lung thirds -> 1, regions 9-11 left lung thirds -> 2."""
+def cip_reference(root: Path) -> tuple[CTVolume, CTVolume] | None:
+    """cip-ct64's CT and its lung labels (1 right, 2 left) from CIP's label map: regions
+    12-14 (right lung thirds) -> 1, regions 9-11 (left lung thirds) -> 2. None if absent."""
     from medseg.io import load
 
     ct_dir, lm_path = root / "cip-ct64" / "ct-64Dicom", root / "cip-ct64" / "lm-64.nrrd"
     if not ct_dir.is_dir() or not lm_path.exists():
         return None
     image = load(ct_dir)
-    lm = load(lm_path)
-    region = lm.array % 256
+    region = load(lm_path).array % 256
     lab = np.zeros(region.shape, np.uint8)
     lab[(region >= 12) & (region <= 14)] = 1
     lab[(region >= 9) & (region <= 11)] = 2
-    img, lab_r = prepare_slices(image, image.with_array(lab), spec)
+    return image, image.with_array(lab)
+
+
+def validation_cut(lung_slices: npt.NDArray[np.bool_], val_fraction: float) -> int:
+    """Index (in inferior -> superior slice order) where cip-ct64's validation part ends:
+    the inferior ``val_fraction`` of the lung-bearing slices, and everything below them."""
+    ks = np.flatnonzero(lung_slices)
+    return int(ks[0] + round(val_fraction * (ks[-1] - ks[0] + 1)))
+
+
+def _cip_samples(root: Path, spec: ModelSpec, val_fraction: float
+                 ) -> tuple[Sample, Sample] | None:
+    """cip-ct64 split along z (:func:`validation_cut`): inferior part validation, the rest
+    training."""
+    ref = cip_reference(root)
+    if ref is None:
+        return None
+    img, lab_r = prepare_slices(ref[0], ref[1], spec)
     assert lab_r is not None
-    ks = np.flatnonzero(lab_r.reshape(lab_r.shape[0], -1).any(axis=1))
-    cut = int(ks[0] + round(val_fraction * (ks[-1] - ks[0] + 1)))
     # oriented k runs inferior -> superior: validation = slices below the cut
+    cut = validation_cut(lab_r.reshape(lab_r.shape[0], -1).any(axis=1), val_fraction)
     return (Sample("cip-ct64-train", img[cut:], lab_r[cut:]),
             Sample("cip-ct64-val", img[:cut], lab_r[:cut]))
-
-
-def cip_split_index(root: Path, spec: ModelSpec, val_fraction: float) -> int | None:
-    """The oriented slice index where cip-ct64's validation part ends (for evaluation)."""
-    res = _cip_samples(root, spec, val_fraction)
-    return None if res is None else res[1].image.shape[0]
 
 
 def _context(stack: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:

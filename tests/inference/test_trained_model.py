@@ -1,0 +1,154 @@
+"""The shipped model (lung2d-v1) on real content: accuracy on phantoms, the same mask in
+world space whatever the storage orientation (also oblique), determinism, and the
+chest-ct-philips-141 checks of the model card (volume, both lungs, the lesion inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+import medseg
+from medseg.io.itkformats import from_sitk, to_sitk
+from medseg.models import load_model
+from medseg.segment import segment, segment_study
+from medseg.volume import CTVolume
+from tests.conftest import REPO_ROOT, need
+from tests.helpers import dice, labels_on_grid, reindex
+
+SAMPLE = REPO_ROOT / "sample_data" / "phantom_000"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("lung2d-v1")
+
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[CTVolume, CTVolume]:
+    return medseg.load(SAMPLE / "image.nii.gz"), medseg.load(SAMPLE / "labels.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def phantom_mask(phantom, model) -> CTVolume:
+    return segment(phantom[0], model=model).labels
+
+
+def test_shipped_model_is_accurate_on_the_sample_phantom(phantom, phantom_mask) -> None:
+    ref = phantom[1].array
+    for label in (1, 2):
+        assert dice(phantom_mask.array == label, ref == label) >= 0.95
+
+
+@pytest.mark.parametrize("case", [
+    ((0, 1, 2), (True, True, False)),    # RAS storage
+    ((0, 1, 2), (False, False, True)),   # slices stored superior -> inferior
+    ((0, 2, 1), (False, True, False)),   # stored as coronal slices
+    ((1, 0, 2), (True, False, False)),   # rows and columns swapped, flipped
+])
+def test_same_mask_in_world_space_for_any_storage_order(
+        tmp_path: Path, phantom, phantom_mask, model, case) -> None:
+    other = reindex(phantom[0], *case)
+    src = medseg.save(other, tmp_path / "other.nii.gz")
+    segment_study(src, tmp_path / "out", model=model)
+    mask = medseg.load(tmp_path / "out" / "lungs.nii.gz")
+    assert mask.shape == other.shape
+    assert mask.geometry.is_close(medseg.load(src).geometry, atol_mm=1e-4)
+    back = labels_on_grid(mask, phantom[0])
+    for label in (1, 2):
+        assert dice(back == label, phantom_mask.array == label) >= 0.99
+
+
+def _oblique(vol: CTVolume, *, labels: bool, degrees: tuple[float, float]) -> CTVolume:
+    """``vol`` resampled onto a grid rotated about z then x (linear for CT, nearest for
+    labels): a series acquired obliquely."""
+    img = to_sitk(vol)
+    rot = sitk.Euler3DTransform()
+    rot.SetRotation(np.deg2rad(degrees[1]), 0.0, np.deg2rad(degrees[0]))
+    centre = vol.geometry.index_to_world(np.array(vol.shape[::-1]) / 2 - 0.5)[0]
+    rot.SetCenter(centre.tolist())
+    direction = np.asarray(rot.GetMatrix()).reshape(3, 3) @ vol.direction
+    origin = rot.TransformPoint(vol.origin)
+    ref = sitk.Image(img.GetSize(), img.GetPixelID())
+    ref.SetSpacing(img.GetSpacing())
+    ref.SetDirection(direction.ravel().tolist())
+    ref.SetOrigin(origin)
+    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    out = sitk.Resample(img, ref, sitk.Transform(), interp, 0 if labels else -1000.0)
+    return from_sitk(out)
+
+
+def test_oblique_series_mask_is_on_its_grid_and_right_in_world(tmp_path: Path, phantom,
+                                                              model) -> None:
+    image = _oblique(phantom[0], labels=False, degrees=(20.0, 12.0))
+    ref = _oblique(phantom[1], labels=True, degrees=(20.0, 12.0))
+    src = medseg.save(image, tmp_path / "oblique.nii.gz")
+    segment_study(src, tmp_path / "out", model=model)
+    mask = medseg.load(tmp_path / "out" / "lungs.nii.gz")
+    assert mask.same_grid(image, atol_mm=1e-4)
+    assert not np.allclose(np.abs(mask.direction), np.eye(3), atol=0.1)  # really oblique
+    for label in (1, 2):
+        assert dice(mask.array == label, ref.array == label) >= 0.95
+
+
+def test_two_runs_identical_bytes(tmp_path: Path, model) -> None:
+    src = SAMPLE / "dicom"
+    segment_study(src, tmp_path / "a", model=model)
+    segment_study(src, tmp_path / "b", model=model)
+    assert (tmp_path / "a" / "lungs.nii.gz").read_bytes() == \
+        (tmp_path / "b" / "lungs.nii.gz").read_bytes()
+
+
+# ---- chest-ct-philips-141: unlabelled real CT with a lesion in the right lung -------------
+
+#: The lesion (about 2 cm, right lung, next to the hilum), found by eye in the lung window:
+#: centre voxel (k, j, i) = (78, 258, 170), slices 73-83. Its voxels are the >-300 HU
+#: component of that box holding the centre.
+LESION_CENTRE = (78, 258, 170)
+LESION_BOX = (slice(72, 85), slice(235, 285), slice(145, 200))
+
+
+@pytest.fixture(scope="module")
+def philips(shared_data: Path, model) -> tuple[CTVolume, CTVolume, CTVolume]:
+    image = medseg.load(need(shared_data, "chest-ct-philips-141"))
+    unet = segment(image, model=model)
+    thr = segment(image, method="threshold")
+    assert not unet.warnings, unet.warnings
+    return image, unet.labels, thr.labels
+
+
+def test_philips_volume_plausible_both_lungs(philips) -> None:
+    _, unet, _ = philips
+    counts = np.bincount(unet.array.ravel(), minlength=3)
+    litres = counts * unet.voxel_volume_ml() / 1000
+    assert 3.0 <= litres[1] + litres[2] <= 8.0
+    assert litres[1] > 1.0 and litres[2] > 1.0
+    assert litres[1] > litres[2]  # the right lung is the larger
+
+
+def test_philips_lesion_inside_right_lung(philips) -> None:
+    image, unet, _ = philips
+    box = image.array[LESION_BOX] > -300
+    cc, _ = ndi.label(box)
+    centre = tuple(c - s.start for c, s in zip(LESION_CENTRE, LESION_BOX, strict=True))
+    lesion = cc == cc[centre]
+    assert 500 < lesion.sum() < 20000, "the lesion component should be a nodule, not a vessel tree"
+    inside = unet.array[LESION_BOX][lesion]
+    assert (inside == 1).mean() >= 0.99
+
+
+def test_philips_unet_vs_threshold(philips) -> None:
+    """They agree on the lungs; they differ where the threshold is wrong: it keeps the
+    trachea and main bronchi (air inside the mediastinum) and it splits touching lungs at
+    the midline."""
+    image, unet, thr = philips
+    u, t = unet.array > 0, thr.array > 0
+    assert dice(u, t) >= 0.93
+    only_thr = t & ~u
+    # what only the threshold calls lung is mostly airway: air connected to the trachea
+    airway = ndi.binary_dilation(image.array < -950, iterations=0) & only_thr
+    top = only_thr[-20:].sum()  # the trachea above the lungs' apices
+    assert top + airway.sum() > 0
