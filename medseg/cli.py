@@ -128,7 +128,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     progress = _Progress("segmenting", not args.quiet)
     result = segment_study(args.input, args.out_dir, series=args.series, method=args.method,
                            model=args.model, batch_size=args.batch_size, threads=args.threads,
-                           progress=progress)
+                           progress=progress, reference=args.reference,
+                           report=not args.no_report, study_id=args.study_id,
+                           show_phi=args.show_phi)
     summary = result.summary
     for w in summary["warnings"]:
         print(f"medseg: warning: {args.input}: {w}", file=sys.stderr)
@@ -155,6 +157,55 @@ def _fmt_metric(v: float) -> str:
     return "inf" if v == float("inf") else f"{v:.3f}"
 
 
+_METRIC_KEYS = ("dice", "iou", "hd", "hd95", "assd", "nsd", "volume_diff_ml")
+
+
+def _print_metric_table(metrics: dict[str, dict[str, float]]) -> None:
+    print(f"  {'label':<6}" + "".join(f"{k:>15}" for k in _METRIC_KEYS))
+    for label, m in metrics.items():
+        print(f"  {label:<6}" + "".join(f"{_fmt_metric(m[k]):>15}" for k in _METRIC_KEYS))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
+    from medseg.evaluate import to_jsonable
+    from medseg.validation import evaluate_cohort, evaluate_pair
+
+    single = args.pred is not None or args.ref is not None
+    cohort = args.pred_dir is not None or args.ref_dir is not None
+    if single == cohort or (single and (args.pred is None or args.ref is None)) or (
+            cohort and (args.pred_dir is None or args.ref_dir is None or args.out_dir is None)):
+        raise ConfigError("give PRED REF for one pair, or --pred-dir D --ref-dir D -o OUT_DIR "
+                          "for a cohort")
+    if single:
+        res = evaluate_pair(args.pred, args.ref)
+        if args.json:
+            print(json.dumps(to_jsonable(res), indent=2))
+        else:
+            print(f"{args.pred} vs {args.ref} (distances in mm):")
+            _print_metric_table(res["metrics"])
+        return EXIT_OK
+    result = evaluate_cohort(args.pred_dir, args.ref_dir, args.out_dir)
+    acc = result.accumulator
+    summary = acc.summary()
+    if args.json:
+        print(json.dumps(to_jsonable({
+            "cases": acc.rows(), "summary": acc.summary_rows(), "notes": result.notes,
+            "failed": result.failed, "unmatched_predictions": result.unmatched_predictions,
+            "outputs": {k: str(v) for k, v in result.outputs.items()}}), indent=2))
+    else:
+        lung = summary["lung"]
+        print(f"{len(acc)} cases; Dice (both lungs) mean {_fmt_metric(lung['dice'].mean or 0)}"
+              f", median {_fmt_metric(lung['dice'].median or 0)}; "
+              f"{len(result.failed)} failed")
+        for cid in result.failed:
+            print(f"  failed: {cid}: {result.notes.get(cid, 'a lung missed (Dice 0)')}")
+        for cid in result.unmatched_predictions:
+            print(f"  no reference for prediction {cid!r}: not scored")
+        print(f"wrote {', '.join(str(p) for p in result.outputs.values())}")
+    return EXIT_ERROR if result.failed and args.fail_on_failure else EXIT_OK
+
+
 def _cmd_validate_model(args: argparse.Namespace) -> int:
     from medseg.train.validate import validate_on_cip
 
@@ -170,10 +221,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     print(f"{name} on {res['data']}, held-out slices {res['validation_slices'][0]}-"
           f"{res['validation_slices'][1]} (z {res['validation_z_mm'][0]} to "
           f"{res['validation_z_mm'][1]} mm)")
-    keys = ("dice", "iou", "hd", "hd95", "assd", "nsd", "volume_diff_ml")
-    print(f"  {'label':<6}" + "".join(f"{k:>15}" for k in keys))
-    for label, m in res["metrics"].items():
-        print(f"  {label:<6}" + "".join(f"{_fmt_metric(m[k]):>15}" for k in keys))
+    _print_metric_table(res["metrics"])
     return EXIT_OK
 
 
@@ -269,8 +317,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="slices per network batch")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the network (default: torch's choice)")
+    p.add_argument("--reference", type=Path, default=None, metavar="LABELS",
+                   help="reference labels on the input's grid (1 right, 2 left): the report "
+                   "then holds Dice, HD95 ... against it")
+    p.add_argument("--study-id", default=None,
+                   help="name shown in the report (default: the input's name)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip report.json/.html/.csv (lungs.nii.gz and segment.json only)")
+    p.add_argument("--show-phi", action="store_true",
+                   help="show patient name, ID and study date in the report (hidden by "
+                   "default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "evaluate", help="score predicted lung masks against references (one pair or a cohort)",
+        description="One pair: 'medseg evaluate PRED REF' prints Dice, IoU, Hausdorff, HD95, "
+        "ASSD, NSD (2 mm) and volume difference for the right lung (label 1), the left lung "
+        "(2) and both together; distances in mm from the voxel spacing. The two grids must be "
+        "the same in world space. A cohort: 'medseg evaluate --pred-dir D --ref-dir D -o OUT' "
+        "matches REF_DIR/<id>.nii.gz with PRED_DIR/<id>.nii.gz or PRED_DIR/<id>/lungs.nii.gz "
+        "and writes cohort.html, cohort_cases.csv and cohort_summary.csv; a missing or "
+        "unreadable prediction counts as a failure, never drops out.",
+        epilog="See docs/concepts/metrics.md for the definitions.")
+    p.add_argument("pred", type=Path, nargs="?", help="predicted label file")
+    p.add_argument("ref", type=Path, nargs="?", help="reference label file")
+    p.add_argument("--pred-dir", type=Path, help="folder of predictions (cohort)")
+    p.add_argument("--ref-dir", type=Path, help="folder of references (cohort)")
+    p.add_argument("-o", "--out-dir", type=Path, help="cohort report folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--fail-on-failure", action="store_true",
+                   help="exit 1 when a cohort case failed (a missed lung)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "train", help="train the lung U-Net from a YAML config",

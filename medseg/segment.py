@@ -130,18 +130,42 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
     return result
 
 
+def _default_study_id(path: Path) -> str:
+    """The input's name without volume suffixes (``ct.nii.gz`` -> ``ct``)."""
+    from medseg.io._atomic import split_suffix
+
+    return split_suffix(path.resolve())[0] if path.is_file() else path.resolve().name
+
+
 def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | None = None,
                   method: str | Method = Method.UNET, model: Any = None,
                   batch_size: int = 16, threads: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> StudyResult:
-    """Load ``input_path``, segment, write ``lungs.nii.gz`` and ``segment.json`` in
-    ``out_dir``. Nothing is written if loading or segmentation fails."""
+                  progress: Callable[[int, int], None] | None = None,
+                  reference: str | Path | None = None, report: bool = True,
+                  study_id: str | None = None, show_phi: bool = False) -> StudyResult:
+    """Load ``input_path``, segment, write ``lungs.nii.gz``, ``segment.json`` and (unless
+    ``report`` is false) ``report.json/.html/.csv`` in ``out_dir``; with ``reference``
+    (labels on the input's grid) the report holds validation metrics. Nothing is written
+    if loading, segmentation or the report fails: every output is made in memory first
+    and each file is written atomically."""
     t0 = time.perf_counter()
     volume = load(input_path, series=series)
+    ref = load(reference) if reference is not None else None
     t_load = time.perf_counter() - t0
     result = segment(volume, method=method, model=model, batch_size=batch_size,
                      threads=threads, progress=progress)
     out = Path(out_dir)
+    t1 = time.perf_counter()
+    report_files: dict[str, str] = {}
+    if report:
+        from medseg.report.study import render_study_files, study_report
+
+        sid = study_id or _default_study_id(Path(input_path))
+        report_dict = study_report(volume, result.labels, study_id=sid, method=result.method,
+                                   model=result.model, reference=ref,
+                                   warnings=result.warnings, show_phi=show_phi)
+        report_files = render_study_files(report_dict, volume, result.labels)
+    t_report = time.perf_counter() - t1
     t1 = time.perf_counter()
     mask_path = save(result.labels, out / "lungs.nii.gz")
     t_write = time.perf_counter() - t1
@@ -168,6 +192,13 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                       "write": round(t_write, 3),
                       "total": round(time.perf_counter() - t0, 3)},
     }
+    if report_files:
+        from medseg.report.study import write_files
+
+        write_files(out, report_files)
+        summary["outputs"]["report"] = sorted(report_files)
+        summary["timings_s"]["report"] = round(t_report, 3)
+        summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     with atomic_output(out / "segment.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return StudyResult(summary=summary, volume=volume, segmentation=result,

@@ -262,6 +262,24 @@ class CTVolume:
             other.geometry, atol_mm=atol_mm
         )
 
+    def grid_difference(self, other: CTVolume) -> str:
+        """How two grids differ, in words ("" when :meth:`same_grid`)."""
+        parts = []
+        if self.shape != other.shape:
+            parts.append(f"shape (z,y,x) {self.shape} vs {other.shape}")
+        a, b = self.geometry, other.geometry
+        if not np.allclose(a.spacing, b.spacing, atol=1e-4):
+            parts.append("spacing " + "x".join(f"{v:.4g}" for v in a.spacing) + " vs "
+                         + "x".join(f"{v:.4g}" for v in b.spacing) + " mm")
+        d = float(np.linalg.norm(np.subtract(a.origin, b.origin)))
+        if d > 1e-3:
+            parts.append(f"origin {d:.3g} mm apart")
+        if not np.allclose(a.direction, b.direction, atol=1e-5):
+            parts.append(f"orientation {a.orientation_code()} vs {b.orientation_code()} "
+                         f"(direction cosines differ by up to "
+                         f"{float(np.abs(a.direction - b.direction).max()):.3g})")
+        return "; ".join(parts)
+
     def world_bounds(self) -> npt.NDArray[np.float64]:
         """(2, 3) min and max LPS corners of the voxel centres."""
         nk, nj, ni = self.shape

@@ -36,8 +36,12 @@ SECOND_LUNG_FRACTION = 0.15
 
 
 def _outside_air(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Air connected to the in-plane border of any slice (around the body, under the table)."""
-    lab, n = ndimage.label(air)
+    """Air connected, within its own slice, to that slice's border (around the body, under
+    the table). Slice by slice: in 3D the airways would join the lungs to the air above the
+    head or shoulders wherever the scan extends beyond the body."""
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(air, structure=in_plane)
     if n == 0:
         return np.zeros_like(air)
     border = np.unique(np.concatenate([

@@ -183,6 +183,7 @@ def test_2d_masks() -> None:
     b = np.roll(a, 1, axis=1)
     assert hausdorff(a, b, (1.0, 0.5)) == 0.5
     assert dice(a, b) == pytest.approx(0.75)
+    assert iou(a, b) == pytest.approx(0.6)
 
 
 # --------------------------------------------------------------------------- empty masks
@@ -302,7 +303,8 @@ def test_properties(data: st.DataObject, spacing: tuple[float, float, float]) ->
     assert 0.0 <= m.dice <= 1.0 and 0.0 <= m.iou <= m.dice
     assert 0.0 <= m.nsd <= 1.0
     # symmetric: swapping pred and ref permutes the two directed sets, nothing else
-    assert (m.dice, m.iou, m.hd, m.hd95, m.assd, m.nsd) == (r.dice, r.iou, r.hd, r.hd95, r.assd, r.nsd)
+    keys = ("dice", "iou", "hd", "hd95", "assd", "nsd")
+    assert [getattr(m, k) for k in keys] == [getattr(r, k) for k in keys]
     assert m.volume_diff_ml == pytest.approx(-r.volume_diff_ml)
     assert not any(math.isnan(v) for v in m.as_dict().values())
     assert m.hd >= m.hd95 >= 0.0 and m.hd >= m.assd >= 0.0

@@ -1,0 +1,200 @@
+"""The per-study report: ``report.json`` (versioned schema), ``report.html``, ``report.csv``.
+
+Schema (``schema_version`` 1)::
+
+    {"schema": "medseg.study-report", "schema_version": 1,
+     "study_id": str,
+     "provenance": {"medseg_version", "python", "numpy", "torch"},
+     "inputs": {"image": {"path", "format", "series_instance_uid", "sha256", "n_files"},
+                "reference": {...} | null},
+     "parameters": {"method", "model": {"name", "sha256"} | null},
+     "grid": {"shape_zyx", "spacing", "origin", "direction", "orientation"},
+     "measurements": {right|left|lung: {volume_ml, n_voxels, mld_hu, laa950_pct, pd15_hu}},
+     "histogram": {"bin_edges_hu", "counts": {right|left|lung: [...]}},
+     "metrics": {right|left|lung: {dice, iou, hd, hd95, assd, nsd, volume_diff_ml}} | null,
+     "warnings": [str],
+     "patient": {"id", "name", "study_date"}  (only with show_phi)}
+
+Distances are in mm; an infinite distance (a missed lung) is written as the string "inf".
+The report holds no timestamps or timings, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg._version import __version__
+from medseg.evaluate import label_metrics, to_jsonable
+from medseg.quantify import quantify
+from medseg.report._render import (
+    environment,
+    figure_png,
+    png_data_uri,
+    pyplot,
+    write_text,
+)
+from medseg.visualize import overlay_montage
+from medseg.volume import CTVolume
+
+__all__ = ["SCHEMA_VERSION", "csv_row", "input_checksums", "render_study_files", "study_report",
+           "write_files", "write_study_report"]
+
+SCHEMA = "medseg.study-report"
+SCHEMA_VERSION = 1
+_LABELS = ("right", "left", "lung")
+
+
+def input_checksums(volume: CTVolume) -> dict[str, Any]:
+    """SHA-256 of what the volume was read from: the file, or for a DICOM series the
+    SHA-256 over its files' digests in slice order (independent of the folder's path)."""
+    md = volume.metadata
+    files = list(dict.fromkeys(md.source_files)) or ([md.source_path] if md.source_path
+                                                     else [])
+    if not files or not all(Path(f).is_file() for f in files):
+        return {"sha256": None, "n_files": 0}
+    if len(files) == 1:
+        digest = _sha256_file(files[0])
+    else:
+        outer = hashlib.sha256()
+        for f in files:
+            outer.update(bytes.fromhex(_sha256_file(f)))
+        digest = outer.hexdigest()
+    return {"sha256": digest, "n_files": len(files)}
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _input_entry(volume: CTVolume) -> dict[str, Any]:
+    md = volume.metadata
+    return {"path": md.source_path, "format": md.source_format,
+            "series_instance_uid": md.series_instance_uid, **input_checksums(volume)}
+
+
+def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
+                 method: str | None = None, model: dict[str, Any] | None = None,
+                 reference: CTVolume | None = None, warnings: list[str] | None = None,
+                 show_phi: bool = False) -> dict[str, Any]:
+    """The report as a dict (JSON-ready after :func:`medseg.evaluate.to_jsonable`).
+    ``reference`` (labels on the same grid) adds validation metrics."""
+    import torch
+
+    q = quantify(image, labels)
+    metrics = None
+    if reference is not None:
+        if not reference.same_grid(labels, atol_mm=1e-3):
+            from medseg.errors import GeometryError
+
+            raise GeometryError("reference and prediction grids differ: "
+                                + labels.grid_difference(reference),
+                                path=reference.metadata.source_path)
+        metrics = label_metrics(labels.array, reference.array, image.spacing[::-1])
+    md = image.metadata
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "study_id": study_id,
+        "provenance": {"medseg_version": __version__, "python": platform.python_version(),
+                       "numpy": np.__version__, "torch": torch.__version__},
+        "inputs": {"image": _input_entry(image),
+                   "reference": _input_entry(reference) if reference is not None else None},
+        "parameters": {"method": method,
+                       "model": {"name": model["name"], "sha256": model["sha256"]}
+                       if model else None},
+        "grid": {"shape_zyx": list(image.shape), **image.geometry.to_dict()},
+        "acquisition": {"modality": md.modality, "manufacturer": md.manufacturer,
+                        "model": md.manufacturer_model, "kernel": md.convolution_kernel,
+                        "slice_thickness_mm": md.slice_thickness_mm,
+                        "contrast_agent": md.contrast_agent},
+        "measurements": q["measurements"],
+        "histogram": q["histogram"],
+        "metrics": metrics,
+        "warnings": list(dict.fromkeys([*(warnings or []), *q["warnings"]])),
+    }
+    if show_phi:
+        report["patient"] = {"id": md.patient_id, "name": md.patient_name,
+                             "study_date": md.study_date}
+    return report
+
+
+def csv_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One flat row: study id, volumes and densitometry per lung, metrics if any."""
+    row: dict[str, Any] = {"study_id": report["study_id"],
+                           "method": report["parameters"]["method"]}
+    for label in _LABELS:
+        for key, value in report["measurements"][label].items():
+            if key != "n_voxels":
+                row[f"{label}_{key}"] = value
+    if report["metrics"]:
+        for label in _LABELS:
+            for key, value in report["metrics"][label].items():
+                row[f"{label}_{key}"] = value
+    row["n_warnings"] = len(report["warnings"])
+    return to_jsonable(row)  # type: ignore[no-any-return]
+
+
+def _histogram_png(report: dict[str, Any]) -> bytes:
+    plt = pyplot()
+    edges = np.asarray(report["histogram"]["bin_edges_hu"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig, ax = plt.subplots(figsize=(6.5, 2.8))
+    for label, colour in (("right", "#e0402f"), ("left", "#3389f2")):
+        counts = np.asarray(report["histogram"]["counts"][label], float)
+        if counts.sum():
+            ax.plot(centres, 100 * counts / counts.sum(), color=colour, label=f"{label} lung")
+    ax.axvline(-950, color="0.4", ls="--", lw=0.8)
+    ax.text(-948, ax.get_ylim()[1] * 0.9, "−950 HU", fontsize=7, color="0.3")
+    ax.set_xlabel("HU")
+    ax.set_ylabel("% of lung voxels")
+    ax.set_xlim(-1100, 0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def render_html(report: dict[str, Any], image: CTVolume, labels: CTVolume) -> str:
+    images = {
+        "axial": png_data_uri(overlay_montage(image, labels, view="axial", n=6)),
+        "coronal": png_data_uri(overlay_montage(image, labels, view="coronal", n=3)),
+        "histogram": png_data_uri(_histogram_png(report)),
+    }
+    return str(environment().get_template("study.html.j2").render(
+        r=report, images=images, labels=_LABELS))
+
+
+def render_study_files(report: dict[str, Any], image: CTVolume, labels: CTVolume
+                       ) -> dict[str, str]:
+    """The texts of ``report.json``, ``report.html`` and ``report.csv``, in memory."""
+    row = csv_row(report)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")
+    writer.writeheader()
+    writer.writerow(row)
+    return {"report.json": json.dumps(to_jsonable(report), indent=2) + "\n",
+            "report.html": render_html(report, image, labels),
+            "report.csv": buf.getvalue()}
+
+
+def write_study_report(report: dict[str, Any], image: CTVolume, labels: CTVolume,
+                       out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.html`` and ``report.csv`` into ``out_dir``: all are
+    rendered in memory first, then each is written atomically."""
+    files = render_study_files(report, image, labels)
+    return write_files(Path(out_dir), files)
+
+
+def write_files(out: Path, files: dict[str, str]) -> dict[str, Path]:
+    return {name: write_text(out / name, text) for name, text in files.items()}
