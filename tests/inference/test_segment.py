@@ -43,6 +43,20 @@ def test_threshold_finds_both_lungs_right_is_patient_right() -> None:
     assert x_right < x_left  # LPS: +x is patient left
 
 
+def test_threshold_airway_open_above_the_body() -> None:
+    """The scan extends above the body and a trachea joins both lungs to that air: in 3D all
+    that air would be 'outside'; slice by slice the lungs are still found."""
+    vol = _chest()
+    arr = vol.array.copy()
+    z, y, x = np.meshgrid(*[np.arange(n) for n in arr.shape], indexing="ij")
+    arr[(z >= 10) & ((x - 32) ** 2 + (y - 30) ** 2 <= 4)] = -1000   # trachea up to the top
+    arr[(z == 10) & (np.abs(y - 30) <= 1) & (x > 18) & (x < 46)] = -1000  # bronchi to lungs
+    arr[-3:] = -1000  # air above the body
+    res = segment(vol.with_array(arr), method="threshold")
+    v = res.volumes_ml()
+    assert v["right"] > 1000 and v["left"] > 1000
+
+
 def test_not_hu_refused() -> None:
     vol = _chest()
     raw = vol.with_array((vol.array.astype(np.int32) + 1024).astype(np.int16))  # rescale lost
