@@ -143,7 +143,7 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
             for key, value in report["metrics"][label].items():
                 row[f"{label}_{key}"] = value
     row["n_warnings"] = len(report["warnings"])
-    return to_jsonable(row)  # type: ignore[no-any-return]
+    return dict(to_jsonable(row))
 
 
 def _histogram_png(report: dict[str, Any]) -> bytes:

@@ -181,7 +181,7 @@ def cip_reference(root: Path) -> tuple[CTVolume, CTVolume] | None:
     return image, image.with_array(lab)
 
 
-def validation_cut(lung_slices: npt.NDArray[np.bool_], val_fraction: float) -> int:
+def validation_cut(lung_slices: npt.ArrayLike, val_fraction: float) -> int:
     """Index (in inferior -> superior slice order) where cip-ct64's validation part ends:
     the inferior ``val_fraction`` of the lung-bearing slices, and everything below them."""
     ks = np.flatnonzero(lung_slices)

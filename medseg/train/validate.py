@@ -36,7 +36,7 @@ def validate_on_cip(shared_data: str | Path, *, method: str = "unet", model: Any
     nk = image.shape[0]
     z = image.geometry.index_to_world(np.c_[np.zeros((nk, 2)), np.arange(nk)])[:, 2]
     order = np.argsort(z)
-    lung = labels.array.reshape(nk, -1).any(axis=1)[order]
+    lung = np.asarray(labels.array.reshape(nk, -1).any(axis=1))[order]
     val = np.sort(order[:validation_cut(lung, val_fraction)])
     if not np.array_equal(np.diff(val), np.ones(len(val) - 1, int)):
         raise AssertionError("validation slices are not contiguous")  # axial study expected
