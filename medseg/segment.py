@@ -32,6 +32,15 @@ __all__ = ["Method", "Segmentation", "StudyResult", "segment", "segment_study"]
 PLAUSIBLE_LUNG_ML = (1000.0, 10000.0)
 #: Below this many slices the 3D postprocessing and volumes are unreliable (a warning).
 FEW_SLICES = 10
+#: Lung parenchyma has a median of about -850 HU (healthy, full inspiration) to about
+#: -930 HU (severe emphysema); a segmented region whose median is below this is air (a
+#: phantom, an air-filled cavity, air outside the patient), not lung: a warning.
+AIR_MEDIAN_HU = -960.0
+#: BodyPartExamined values under which a chest CT can be filed (DICOM PS3.16 CID 4031 and
+#: common vendor values); another stated body part is a warning.
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "BREAST", "HEART", "TORSO", "WHOLEBODY",
+                    "WHOLE BODY", "TRUNK", "CHESTABDOMEN", "CHEST_ABDOMEN", "CHEST_TO_PELVIS",
+                    "CAP", "BODY", "ABDOMEN", "CTA", "PE")
 
 
 class Method(str, Enum):
@@ -75,6 +84,10 @@ def _check_input(volume: CTVolume) -> list[str]:
     if not (volume.array > BODY_MIN_HU).any():
         raise InputError("no body in the volume: every voxel is air (below -500 HU)",
                          path=volume.metadata.source_path)
+    part = (volume.metadata.body_part or "").strip().upper()
+    if part and not any(p in part for p in CHEST_BODY_PARTS):
+        warnings.append(f"BodyPartExamined is {volume.metadata.body_part!r}: medseg segments "
+                        "the lungs in chest CT")
     if volume.shape[0] < FEW_SLICES:
         warnings.append(f"only {volume.shape[0]} slices: lung volumes and 3D postprocessing "
                         "are unreliable")
@@ -106,7 +119,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         raw = unet_labels(volume, loaded, settings, progress=progress)
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
-        labels = postprocess_labels(raw)
+        labels = postprocess_labels(raw, volume.axial_axis())
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
                       "architecture": loaded.spec.to_dict()}
@@ -122,6 +135,11 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         for side in ("right", "left"):
             if vols[side] == 0:
                 result.warnings.append(f"no {side} lung found")
+        median = float(np.median(volume.array[result.labels.array > 0]))
+        if median < AIR_MEDIAN_HU:
+            result.warnings.append(
+                f"the segmented lungs have a median of {median:.0f} HU: that is air, not lung "
+                f"parenchyma (about -850 to -930 HU): not a chest CT, or a phantom?")
         lo, hi = PLAUSIBLE_LUNG_ML
         if not lo <= vols["total"] <= hi:
             result.warnings.append(

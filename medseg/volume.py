@@ -243,6 +243,11 @@ class CTVolume:
     def affine(self) -> npt.NDArray[np.float64]:
         return self.geometry.affine
 
+    def axial_axis(self) -> int:
+        """The array axis (0, 1 or 2 of ``(z, y, x)``) whose index direction is closest to
+        the patient's superior-inferior axis: the axis across axial slices."""
+        return 2 - int(np.argmax(np.abs(self.direction[2, :])))
+
     def voxel_volume_ml(self) -> float:
         sx, sy, sz = self.geometry.spacing
         return sx * sy * sz / 1000.0

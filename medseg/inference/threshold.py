@@ -63,7 +63,7 @@ def threshold_labels(volume: CTVolume) -> npt.NDArray[np.uint8]:
     lab, n = ndimage.label(inside[box])
     if n == 0:
         return out
-    sizes = np.bincount(lab.ravel())
+    sizes = np.bincount(lab[inside[box]], minlength=n + 1)
     sizes[0] = 0
     min_vox = MIN_COMPONENT_ML / volume.voxel_volume_ml()
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] >= min_vox]
@@ -91,4 +91,4 @@ def threshold_labels(volume: CTVolume) -> npt.NDArray[np.uint8]:
         sub[k[x < mid], j[x < mid], i[x < mid]] = LABEL_RIGHT
         sub[k[x >= mid], j[x >= mid], i[x >= mid]] = LABEL_LEFT
     out[box] = sub
-    return postprocess_labels(out)
+    return postprocess_labels(out, volume.axial_axis())

@@ -33,7 +33,10 @@ from medseg.volume import CTVolume
 __all__ = ["InferenceSettings", "unet_labels"]
 
 #: Sliding-window overlap between neighbouring windows within a slice (fraction of the
-#: window); 0.25 with Gaussian blending removes seams at window borders.
+#: window); 0.25 with Gaussian blending removes seams at window borders. A slice smaller
+#: than the window is padded with 0 = -1024 HU (air), as in training: padding by
+#: replicating the edge (MONAI's "replicate") smears the body outward where a small field
+#: of view cuts it, and cost the held-out cip-ct64 Dice 0.92/0.88 instead of 0.985/0.986.
 WINDOW_OVERLAP = 0.25
 
 
@@ -72,8 +75,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     inferer = SliceInferer(roi_size=(spec.roi_size, spec.roi_size),
                            sw_batch_size=settings.batch_size, spatial_dim=2,
-                           overlap=settings.overlap, mode="gaussian", padding_mode="replicate",
-                           progress=False)
+                           overlap=settings.overlap, mode="gaussian",
+                           padding_mode="constant", cval=0.0, progress=False)
     settings.timings["orient_s"] = time.perf_counter() - t0
     t_pre = t_net = t_inv = 0.0
     done = 0

@@ -151,16 +151,21 @@ def _histogram_png(report: dict[str, Any]) -> bytes:
     edges = np.asarray(report["histogram"]["bin_edges_hu"])
     centres = (edges[:-1] + edges[1:]) / 2
     fig, ax = plt.subplots(figsize=(6.5, 2.8))
+    plotted = False
     for label, colour in (("right", "#e0402f"), ("left", "#3389f2")):
         counts = np.asarray(report["histogram"]["counts"][label], float)
         if counts.sum():
             ax.plot(centres, 100 * counts / counts.sum(), color=colour, label=f"{label} lung")
+            plotted = True
     ax.axvline(-950, color="0.4", ls="--", lw=0.8)
     ax.text(-948, ax.get_ylim()[1] * 0.9, "−950 HU", fontsize=7, color="0.3")
     ax.set_xlabel("HU")
     ax.set_ylabel("% of lung voxels")
     ax.set_xlim(-1100, 0)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no lung voxels", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     return figure_png(fig)
 

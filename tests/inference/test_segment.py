@@ -122,7 +122,13 @@ def test_outputs_and_determinism(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-def test_head_ct_warned(shared_data: Path) -> None:
+@pytest.mark.parametrize("method", ["threshold", "unet"])
+def test_head_ct_warned(shared_data: Path, method: str) -> None:
+    """A head phantom (BodyPartExamined BRAIN, air inserts): both warnings, also when the
+    header says nothing (as from NIfTI)."""
     vol = medseg.load(need(shared_data, "dcm-qa-ct/In/Philips"))
-    res = segment(vol, method="threshold")
-    assert res.warnings, "a head CT must not pass silently"
+    res = segment(vol, method=method)
+    assert any("BodyPartExamined is 'BRAIN'" in w for w in res.warnings), res.warnings
+    vol.metadata.body_part = None
+    res = segment(vol, method=method)
+    assert any("that is air, not lung" in w for w in res.warnings), res.warnings

@@ -104,11 +104,20 @@ def test_two_runs_identical_bytes(tmp_path: Path, model) -> None:
 
 # ---- chest-ct-philips-141: unlabelled real CT with a lesion in the right lung -------------
 
-#: The lesion (about 2 cm, right lung, next to the hilum), found by eye in the lung window:
-#: centre voxel (k, j, i) = (78, 258, 170), slices 73-83. Its voxels are the >-300 HU
-#: component of that box holding the centre.
+#: The lesion (about 2 cm, right lung, lateral to the hilum), found by eye in the lung
+#: window: centre voxel (k, j, i) = (78, 258, 170), slices 73-83. Its voxels are those above
+#: -300 HU within 14 mm of the centre (the nodule, not the vessels leading to the hilum).
 LESION_CENTRE = (78, 258, 170)
-LESION_BOX = (slice(72, 85), slice(235, 285), slice(145, 200))
+LESION_RADIUS_MM = 14.0
+
+
+def _lesion(image: CTVolume) -> np.ndarray:
+    sx, sy, sz = image.spacing
+    k, j, i = np.ogrid[:image.shape[0], :image.shape[1], :image.shape[2]]
+    kc, jc, ic = LESION_CENTRE
+    near = ((k - kc) * sz) ** 2 + ((j - jc) * sy) ** 2 + ((i - ic) * sx) ** 2 \
+        <= LESION_RADIUS_MM ** 2
+    return np.asarray(near & (image.array > -300))
 
 
 @pytest.fixture(scope="module")
@@ -130,25 +139,52 @@ def test_philips_volume_plausible_both_lungs(philips) -> None:
 
 
 def test_philips_lesion_inside_right_lung(philips) -> None:
-    image, unet, _ = philips
-    box = image.array[LESION_BOX] > -300
-    cc, _ = ndi.label(box)
-    centre = tuple(c - s.start for c, s in zip(LESION_CENTRE, LESION_BOX, strict=True))
-    lesion = cc == cc[centre]
-    assert 500 < lesion.sum() < 20000, "the lesion component should be a nodule, not a vessel tree"
-    inside = unet.array[LESION_BOX][lesion]
-    assert (inside == 1).mean() >= 0.99
+    image, unet, thr = philips
+    lesion = _lesion(image)
+    assert 1000 < lesion.sum() < 10000  # a nodule of about 2 cm at 0.98 x 0.98 x 2 mm
+    assert (unet.array[lesion] == 1).mean() >= 0.99
+    # the threshold baseline loses a third of it: where the nodule meets the vessels going to
+    # the hilum it is not enclosed by aerated lung in its slice, so hole filling misses it
+    assert (thr.array[lesion] == 1).mean() < 0.8
+
+
+def _largest_piece(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
+    cc, _ = ndi.label(mask)
+    sizes = np.bincount(cc[mask])
+    sizes[0] = 0
+    piece = cc == int(np.argmax(sizes))
+    return piece, ndi.find_objects(piece.astype(np.uint8))[0]
 
 
 def test_philips_unet_vs_threshold(philips) -> None:
-    """They agree on the lungs; they differ where the threshold is wrong: it keeps the
-    trachea and main bronchi (air inside the mediastinum) and it splits touching lungs at
-    the midline."""
+    """They agree on the lungs and differ where the threshold is wrong: it keeps the trachea
+    and main bronchi (air in the mediastinum, up above the lungs), and it leaves out dense
+    tissue inside the pleura that aerated lung does not enclose in its slice (hilar vessels,
+    the lesion)."""
     image, unet, thr = philips
     u, t = unet.array > 0, thr.array > 0
-    assert dice(u, t) >= 0.93
-    only_thr = t & ~u
-    # what only the threshold calls lung is mostly airway: air connected to the trachea
-    airway = ndi.binary_dilation(image.array < -950, iterations=0) & only_thr
-    top = only_thr[-20:].sum()  # the trachea above the lungs' apices
-    assert top + airway.sum() > 0
+    assert dice(u, t) >= 0.96
+    for label in (1, 2):
+        assert dice(unet.array == label, thr.array == label) >= 0.95
+    top = int(np.flatnonzero(u.any(axis=(1, 2)))[-1])
+    airway, box = _largest_piece(t & ~u)
+    assert np.median(image.array[airway]) < -900          # air, not lung parenchyma
+    assert box[0].stop > top + 1                            # it goes on above the lungs
+    assert airway.sum() * image.voxel_volume_ml() > 20.0   # the trachea's tens of mL
+    dense, _ = _largest_piece(u & ~t)
+    assert np.median(image.array[dense]) > -200             # soft tissue inside the pleura
+
+
+def test_model_card_claim_on_cip_heldout(shared_data: Path, capsys) -> None:
+    """The model card's validation: Dice >= 0.95 per lung on the slices training held out."""
+    import json
+
+    from medseg.cli import main
+
+    need(shared_data, "cip-ct64")
+    assert main(["validate-model", "--shared-data", str(shared_data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["validation_slices"] == [0, 40]
+    for label in ("right", "left"):
+        assert res["metrics"][label]["dice"] >= 0.95
+        assert res["metrics"][label]["hd95"] <= 10.0
