@@ -94,6 +94,11 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true",
                     help="only measure medseg's peak memory on a 600-slice 512x512 volume")
     args = ap.parse_args()
+    if not args.memory:
+        try:
+            import lungmask  # noqa: F401
+        except ImportError:
+            sys.exit("lungmask is not installed: pip install -e '.[bench]'")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:

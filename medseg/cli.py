@@ -240,7 +240,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if job == "train":
         return _cmd_train(argparse.Namespace(config=args.config, output_dir=None,
                                              max_minutes=None, quiet=args.quiet))
-    raise ConfigError(f"unknown job {job!r}; known: train", path=args.config)
+    if job == "batch":
+        from medseg.batch.cli import run_config
+
+        return run_config(args.config, quiet=args.quiet)
+    raise ConfigError(f"unknown job {job!r}; known: train, batch", path=args.config)
 
 
 def _parse_triple(text: str, kind: type) -> tuple[Any, Any, Any]:
@@ -403,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxel size in mm (default 2.7,2.7,5.0)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_synth)
+
+    from medseg.batch.cli import register as register_batch
+
+    register_batch(sub)
     return parser
 
 
