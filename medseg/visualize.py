@@ -38,14 +38,47 @@ def _to_lps(volume: CTVolume) -> tuple[npt.NDArray[Any], tuple[float, float, flo
     return np.ascontiguousarray(arr.transpose(2, 1, 0)), (spacing[0], spacing[1], spacing[2])
 
 
-def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n: int = 6,
-                    columns: int = 3, width_in: float = 9.0, dpi: int = 80) -> bytes:
-    """PNG bytes: ``n`` evenly spaced slices through the lungs with the right lung (label 1)
-    in red and the left lung (label 2) in blue outlined over the CT in a lung window."""
-    import matplotlib
+def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Pixels of ``mask`` with a 4-neighbour outside it (the drawn contour)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _panel(sl_ct: npt.NDArray[Any], sl_lab: npt.NDArray[Any], size: tuple[int, int]
+           ) -> npt.NDArray[np.uint8]:
+    """One RGB panel of ``size`` (width, height): the CT slice in the lung window (bilinear),
+    each lung tinted and outlined in its colour (labels resized nearest)."""
+    from PIL import Image
+
+    lo, hi = LUNG_WINDOW
+    grey = np.clip((sl_ct.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255)
+    grey_img = Image.fromarray(grey.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    lab = np.asarray(Image.fromarray(sl_lab.astype(np.uint8)).resize(
+        size, Image.Resampling.NEAREST))
+    rgb = np.repeat(np.asarray(grey_img, np.float32)[..., None], 3, axis=2)
+    for value, colour in _COLOURS.items():
+        mask = lab == value
+        if not mask.any():
+            continue
+        c = np.asarray(colour, np.float32) * 255
+        rgb[mask] = 0.65 * rgb[mask] + 0.35 * c
+        rgb[_outline(mask)] = c
+    return rgb.round().astype(np.uint8)
+
+
+def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n: int = 6,
+                    columns: int = 3, panel_width: int = 256) -> bytes:
+    """PNG bytes: ``n`` evenly spaced slices through the lungs with the right lung (label 1)
+    in red and the left lung (label 2) in blue, tinted and outlined over the CT in a lung
+    window; each panel ``panel_width`` pixels wide at the slice's true aspect ratio.
+
+    Drawn with numpy and Pillow (no plotting library): the report of a 512 x 512 x 141
+    study is on the critical path of ``medseg segment``."""
+    from PIL import Image, ImageDraw
 
     ct, (sx, sy, sz) = _to_lps(image)
     lab, _ = _to_lps(labels)
@@ -62,33 +95,23 @@ def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n
         present = np.arange(ct.shape[axis])
     picks = np.linspace(present[0], present[-1], n + 2)[1:-1].round().astype(int)
     rows = int(np.ceil(n / columns))
-    panel = np.take(ct, 0, axis=axis).shape  # (height, width) in pixels
-    height_ratio = panel[0] * aspect / panel[1]
-    fig, axes = plt.subplots(rows, columns, squeeze=False, figsize=(
-        width_in, width_in / columns * rows * height_ratio + 0.3 * rows))
-    lo, hi = LUNG_WINDOW
-    for ax, idx in zip(axes.ravel(), picks, strict=False):
+    height, width = np.take(ct, 0, axis=axis).shape  # pixels of one slice
+    size = (panel_width, max(1, round(panel_width * height * aspect / width)))
+    title_h, gap, legend_h = 16, 6, 18
+    canvas = Image.new("RGB", (columns * (size[0] + gap) + gap,
+                               rows * (size[1] + title_h + gap) + gap + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, idx in enumerate(picks):
         sl_ct = np.take(ct, idx, axis=axis)
         sl_lab = np.take(lab, idx, axis=axis)
         if view == "coronal":
             sl_ct, sl_lab = sl_ct[::-1], sl_lab[::-1]  # superior at the top
-        ax.imshow(sl_ct, cmap="gray", vmin=lo, vmax=hi, aspect=aspect,
-                  interpolation="nearest")
-        rgba = np.zeros((*sl_lab.shape, 4))
-        for value, colour in _COLOURS.items():
-            rgba[sl_lab == value] = (*colour, 0.35)
-        ax.imshow(rgba, aspect=aspect, interpolation="nearest")
-        for value, colour in _COLOURS.items():
-            if (sl_lab == value).any():
-                ax.contour(sl_lab == value, levels=[0.5], colors=[colour], linewidths=0.8)
-        ax.set_title(f"{view} {idx + 1}/{ct.shape[axis]}", fontsize=8)
-        ax.axis("off")
-    for ax in axes.ravel()[len(picks):]:
-        ax.axis("off")
-    fig.text(0.01, 0.005, "red: right lung (1)   blue: left lung (2)   patient right on "
-             "image left", fontsize=7)
-    fig.tight_layout()
+        x0 = gap + (i % columns) * (size[0] + gap)
+        y0 = gap + (i // columns) * (size[1] + title_h + gap)
+        draw.text((x0, y0), f"{view} {idx + 1}/{ct.shape[axis]}", fill="black")
+        canvas.paste(Image.fromarray(_panel(sl_ct, sl_lab, size)), (x0, y0 + title_h))
+    draw.text((gap, canvas.height - legend_h + 2), "red: right lung (1)   blue: left lung (2)"
+              "   patient right on image left", fill="black")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    canvas.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
