@@ -49,8 +49,8 @@ def run_medseg(src: Path, out: Path, threads: int | None) -> float:
     starts (lungmask's ``LMInferer`` is built before its clock too). Everything else that
     ``medseg segment`` does is timed: read, segment, write the mask, the report files
     (HTML with montages, JSON, CSV) and, for DICOM input, the DICOM SEG and SR."""
-    import medseg.inference.unet  # noqa: F401  (torch, MONAI)
-    import medseg.report.study  # noqa: F401  (matplotlib, Jinja2)
+    import medseg.inference.unet  # torch, MONAI
+    import medseg.report.study  # noqa: F401  (Jinja2, matplotlib)
     from medseg.models import load_model
     from medseg.segment import segment_study
 

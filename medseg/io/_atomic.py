@@ -14,6 +14,11 @@ from medseg.errors import OutputError
 
 __all__ = ["atomic_output", "split_suffix"]
 
+#: The process's umask, read once (reading it means setting it; doing that at import time,
+#: before any worker threads exist, keeps it race-free).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def split_suffix(path: Path) -> tuple[str, str]:
     """``("lungs", ".nii.gz")`` for ``lungs.nii.gz``; double suffixes kept together."""
@@ -38,6 +43,9 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent
     )
+    # mkstemp makes the file private (0600); outputs get the permissions any new file of
+    # this user gets (0644 with the usual umask), so a group can read a shared results folder.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -152,3 +152,16 @@ def test_existing_output_replaced_only_when_complete(tmp_path: Path,
         io.save(_volume(np.eye(3), dtype=np.int32), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.nii.gz"]
+
+
+def test_outputs_get_the_users_usual_permissions(tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); the result must not stay private."""
+    import os
+
+    from medseg.io._atomic import atomic_output
+
+    old = os.umask(0o022)
+    os.umask(old)
+    with atomic_output(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~old
