@@ -160,11 +160,15 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                   batch_size: int = 16, threads: int | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   reference: str | Path | None = None, report: bool = True,
-                  study_id: str | None = None, show_phi: bool = False) -> StudyResult:
+                  study_id: str | None = None, show_phi: bool = False,
+                  dicom_outputs: bool = True) -> StudyResult:
     """Load ``input_path``, segment, write ``lungs.nii.gz``, ``segment.json`` and (unless
     ``report`` is false) ``report.json/.html/.csv`` in ``out_dir``; with ``reference``
-    (labels on the input's grid) the report holds validation metrics. Nothing is written
-    if loading, segmentation or the report fails: every output is made in memory first
+    (labels on the input's grid) the report holds validation metrics. For DICOM input
+    (unless ``dicom_outputs`` is false) also ``lungs.seg.dcm`` (DICOM SEG on the source
+    images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
+    :mod:`medseg.io.dicom_seg`. Nothing is written if loading, segmentation, the report or
+    the DICOM objects fail: every output is made (and the SEG read back) in memory first
     and each file is written atomically."""
     t0 = time.perf_counter()
     volume = load(input_path, series=series)
@@ -175,6 +179,7 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     out = Path(out_dir)
     t1 = time.perf_counter()
     report_files: dict[str, str] = {}
+    measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR
     if report:
         from medseg.report.study import render_study_files, study_report
 
@@ -183,7 +188,23 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                                    model=result.model, reference=ref,
                                    warnings=result.warnings, show_phi=show_phi)
         report_files = render_study_files(report_dict, volume, result.labels)
+        measurements = report_dict["measurements"]
     t_report = time.perf_counter() - t1
+    dicom_files: dict[str, str] = {}
+    dicom_data: dict[str, bytes] = {}
+    dicom_timings: dict[str, float] = {}
+    if dicom_outputs and volume.metadata.source_format == "dicom":
+        from medseg.io.dicom_seg import SEG_FILENAME, build_seg
+        from medseg.io.dicom_sr import SR_FILENAME, build_sr
+
+        t1 = time.perf_counter()
+        seg = build_seg(volume, result.labels, method=result.method, model=result.model)
+        dicom_timings["dicom_seg"] = round(time.perf_counter() - t1, 3)
+        t1 = time.perf_counter()
+        sr = build_sr(volume, result.labels, seg.dataset, measurements=measurements)
+        dicom_timings["dicom_sr"] = round(time.perf_counter() - t1, 3)
+        dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}
+        dicom_data = {SEG_FILENAME: seg.data, SR_FILENAME: sr.data}
     t1 = time.perf_counter()
     mask_path = save(result.labels, out / "lungs.nii.gz")
     t_write = time.perf_counter() - t1
@@ -210,6 +231,13 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                       "write": round(t_write, 3),
                       "total": round(time.perf_counter() - t0, 3)},
     }
+    if dicom_data:
+        for name, data in dicom_data.items():
+            with atomic_output(out / name) as tmp:
+                tmp.write_bytes(data)
+        summary["outputs"].update(dicom_files)
+        summary["timings_s"].update(dicom_timings)
+        summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     if report_files:
         from medseg.report.study import write_files
 

@@ -29,6 +29,13 @@ from tests.batch.conftest import (
 from tests.conftest import REPO_ROOT, need
 
 STUDY_FILES = {"lungs.nii.gz", "segment.json", "report.json", "report.html", "report.csv"}
+DICOM_FILES = {"lungs.seg.dcm", "lungs.sr.dcm"}  # DICOM studies also get a SEG and an SR
+
+
+def expected_files(study: Path) -> set[str]:
+    """What 'medseg segment' writes for this study: the DICOM outputs for DICOM input only."""
+    fmt = json.loads((study / "segment.json").read_text())["input"]["format"]
+    return STUDY_FILES | DICOM_FILES if fmt == "dicom" else STUDY_FILES
 
 
 @pytest.mark.slow
@@ -77,8 +84,10 @@ def test_cohort_of_ten_with_two_broken_on_two_workers(
     # every finished study has what 'medseg segment' writes; nothing partial anywhere
     assert study_dirs(out) == good
     for sid in good:
-        assert {p.name for p in (out / sid).iterdir()} == STUDY_FILES
+        assert {p.name for p in (out / sid).iterdir()} == expected_files(out / sid)
         assert json.loads((out / sid / "report.json").read_text())["study_id"] == sid
+    assert expected_files(out / "cip_dicom") == STUDY_FILES | DICOM_FILES
+    assert expected_files(out / "cip_nrrd") == STUDY_FILES
     assert_nothing_partial(out, bad)
 
     # the model was loaded once per worker process, in two processes other than this one
@@ -124,7 +133,7 @@ def test_pipeline_file_runs_the_sample(tmp_path: Path,
     local.write_text(yaml.safe_dump(data))
     assert main(["run", str(local), "-q"]) == 0
     out = tmp_path / "out"
-    assert {p.name for p in (out / "phantom_000").iterdir()} == STUDY_FILES
+    assert {p.name for p in (out / "phantom_000").iterdir()} == STUDY_FILES | DICOM_FILES
     report = json.loads((out / "phantom_000" / "report.json").read_text())
     assert report["metrics"] is not None  # the manifest's reference was used
     assert (out / "validation" / "cohort.html").is_file()

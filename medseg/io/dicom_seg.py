@@ -1,0 +1,415 @@
+"""DICOM SEG of the lung labels, on the planes of the source images.
+
+What this module decides, and why (see ``docs/concepts/dicom-outputs.md``):
+
+* **The SEG lies on the source images' own planes.** Viewers (OHIF, 3D Slicer) overlay a SEG
+  frame on the image it references and expect the two to share their plane. The volume
+  medseg segments is not always made of the source slices: the loader resamples gantry-tilted
+  and unevenly spaced series onto a regular grid (``metadata.corrections``). So every frame is
+  made the same way, whatever the grid: the world position (LPS mm) of each pixel of the
+  source plane is computed from *that plane's own* ImagePositionPatient,
+  ImageOrientationPatient and PixelSpacing, mapped to the label volume's continuous index and
+  given the label of the nearest voxel. When the label grid is the source stack (the usual
+  case) this mapping is the identity, and it is computed as an index shift rather than per
+  pixel (:func:`labels_on_planes`; the general per-pixel path gives the same frames, which a
+  test checks).
+* **Single-frame series and one enhanced (multi-frame) image** are handled; a series spread
+  over several multi-frame files is refused, since a SEG made by highdicom references either
+  single-frame images or exactly one multi-frame image.
+* **Read-back check**: the encoded SEG is decoded again with highdicom and compared with the
+  frames it was made from, pixel for pixel and per source plane, before any byte reaches the
+  disk. A mismatch raises :class:`~medseg.errors.OutputError` and nothing is written.
+* Segment 1 is the right lung (SNOMED CT 3341006), segment 2 the left lung (44029006), both
+  in the category "Anatomical Structure" (91723000), algorithm type AUTOMATIC, with an
+  AlgorithmIdentificationSequence naming medseg, its version, the method and the model's
+  name and SHA-256 (the lungmask convention 1 = right, 2 = left, as in ``lungs.nii.gz``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from medseg._version import __version__
+from medseg.errors import OutputError, UnreadableFileError
+from medseg.io._atomic import atomic_output
+from medseg.volume import CTVolume
+
+__all__ = [
+    "LEFT_LUNG",
+    "RIGHT_LUNG",
+    "SEG_FILENAME",
+    "EncodedSeg",
+    "SourcePlane",
+    "build_seg",
+    "labels_on_planes",
+    "read_source_planes",
+    "verify_seg",
+    "write_seg",
+]
+
+#: File name ``medseg segment`` gives the SEG (``medseg.pacs`` pushes it under this name).
+SEG_FILENAME = "lungs.seg.dcm"
+#: SNOMED CT codes of the segmented structures (DICOM CID 7710 / 4031).
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
+#: Label value -> (segment label, SNOMED code, display colour as sRGB), in the convention of
+#: ``lungs.nii.gz``: the SEG's segment numbers are the label values.
+SEGMENTS: dict[int, tuple[str, Code, tuple[int, int, int]]] = {
+    1: ("Right lung", RIGHT_LUNG, (128, 174, 128)),
+    2: ("Left lung", LEFT_LUNG, (241, 214, 145)),
+}
+#: Series number of the SEG (the SR uses the next one): far above scanner series numbers, so
+#: a viewer lists derived objects after the images.
+SEG_SERIES_NUMBER = 9901
+#: How far (in voxels, over a whole plane) a source plane's index axis may lean off a label
+#: grid axis for the plane to be mapped as an index shift instead of per pixel. At 1e-3
+#: voxel only an exact tie between two voxels could go the other way.
+AXIS_ALIGNED_TOLERANCE = 1e-3
+#: Type 2 patient and study attributes highdicom copies from the source into the SEG.
+_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                        "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName")
+_MAX_READERS = max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class SourcePlane:
+    """The geometry of one source frame, as its own header states it."""
+
+    sop_instance_uid: str
+    #: 1-based frame number in a multi-frame source; ``None`` for a single-frame image.
+    frame_number: int | None
+    #: ImagePositionPatient: LPS mm of the centre of pixel (row 0, column 0).
+    position: tuple[float, float, float]
+    #: Unit LPS vector along a row (column index increasing): ImageOrientationPatient[:3].
+    row_dir: tuple[float, float, float]
+    #: Unit LPS vector down a column (row index increasing): ImageOrientationPatient[3:].
+    col_dir: tuple[float, float, float]
+    #: PixelSpacing (between rows, between columns), mm.
+    spacing_rc: tuple[float, float]
+    rows: int
+    columns: int
+
+
+@dataclass
+class EncodedSeg:
+    """A SEG that has passed the read-back check, ready to write."""
+
+    dataset: Dataset  # a highdicom.seg.Segmentation
+    data: bytes
+    #: Labels on each source plane (n_planes, rows, columns), what the SEG encodes.
+    frames: npt.NDArray[np.uint8]
+    planes: list[SourcePlane]
+
+
+# -- source geometry ----------------------------------------------------------------------
+def _read_header(path: str) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise UnreadableFileError(f"cannot re-read the source header for the DICOM SEG: {exc}",
+                                  path=path) from exc
+
+
+def read_source_planes(image: CTVolume) -> tuple[list[Dataset], list[SourcePlane]]:
+    """The headers (without pixel data) of the files ``image`` was loaded from and the
+    geometry of each of their frames, in the order highdicom pairs frames with sources:
+    one plane per single-frame file in ``metadata.source_files`` order, or every frame of
+    the one multi-frame file in frame order."""
+    from medseg.io.dicom import _frames_of
+
+    md = image.metadata
+    if md.source_format != "dicom" or not md.source_files:
+        raise OutputError(f"a DICOM SEG needs the DICOM images the volume came from; this "
+                          f"volume came from {md.source_format or 'an unknown source'}",
+                          path=md.source_path)
+    paths = list(dict.fromkeys(md.source_files))
+    with ThreadPoolExecutor(_MAX_READERS) as pool:
+        headers = list(pool.map(_read_header, paths))
+    for ds in headers:
+        # Type 2 patient/study attributes the SEG must carry; some scanners (and anonymisers)
+        # leave them out, which DICOM allows to be written empty.
+        for keyword in _TYPE2_PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+    n_frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in headers]
+    if len(headers) > 1 and max(n_frames) > 1:
+        raise OutputError(
+            f"the series is stored in {len(headers)} files of which "
+            f"{sum(n > 1 for n in n_frames)} hold several frames: a DICOM SEG references "
+            "either single-frame images or one multi-frame image, so none is written",
+            path=md.source_path, series=md.series_instance_uid)
+    planes: list[SourcePlane] = []
+    for path, ds in zip(paths, headers, strict=True):
+        for f in _frames_of(ds, Path(path)):
+            if f.position is None or f.orientation is None or f.pixel_spacing is None:
+                raise OutputError("a source frame lacks ImagePositionPatient, "
+                                  "ImageOrientationPatient or PixelSpacing: the SEG frame "
+                                  "cannot be placed on it", path=path,
+                                  series=md.series_instance_uid)
+            o = f.orientation
+            planes.append(SourcePlane(
+                sop_instance_uid=f.sop_instance_uid,
+                frame_number=None if f.frame is None else f.frame + 1,
+                position=f.position,
+                row_dir=(o[0], o[1], o[2]),
+                col_dir=(o[3], o[4], o[5]),
+                spacing_rc=f.pixel_spacing,
+                rows=f.rows, columns=f.columns,
+            ))
+    return headers, planes
+
+
+# -- labels on the source planes ----------------------------------------------------------
+def _plane_affine(labels: CTVolume, plane: SourcePlane
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                             npt.NDArray[np.float64]]:
+    """``(b, u, v)``: the continuous label index ``(i, j, k)`` of pixel (row r, column c) of
+    ``plane`` is ``b + c * u + r * v``."""
+    g = labels.geometry
+    spacing = np.asarray(g.spacing)
+    b = g.world_to_index(plane.position)[0]
+    u = (g.direction.T @ np.asarray(plane.row_dir)) * plane.spacing_rc[1] / spacing
+    v = (g.direction.T @ np.asarray(plane.col_dir)) * plane.spacing_rc[0] / spacing
+    return b, u, v
+
+
+def _nearest(x: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
+    """Nearest voxel index; an exact tie goes up, the same in both mapping paths."""
+    return np.floor(x + 0.5).astype(np.intp)
+
+
+def _plane_shift(labels_ijk: npt.NDArray[Any], b: npt.NDArray[np.float64],
+                 u: npt.NDArray[np.float64], v: npt.NDArray[np.float64], rows: int,
+                 cols: int) -> npt.NDArray[Any] | None:
+    """The plane's labels when its rows and columns run along label index axes (a
+    permutation, flip, shift or scale of the grid), else None."""
+    a_col, a_row = int(np.argmax(np.abs(u))), int(np.argmax(np.abs(v)))
+    if a_col == a_row:
+        return None
+    a_fix = 3 - a_col - a_row
+    extent_c, extent_r = max(cols - 1, 1), max(rows - 1, 1)
+    lean = (abs(v[a_col]) * extent_r, abs(u[a_row]) * extent_c,
+            abs(u[a_fix]) * extent_c + abs(v[a_fix]) * extent_r)
+    if max(lean) > AXIS_ALIGNED_TOLERANCE:
+        return None
+    shape_ijk = labels_ijk.shape
+    idx_c = _nearest(b[a_col] + u[a_col] * np.arange(cols))
+    idx_r = _nearest(b[a_row] + v[a_row] * np.arange(rows))
+    fix = int(_nearest(np.asarray(b[a_fix])))
+    ok_c = (idx_c >= 0) & (idx_c < shape_ijk[a_col])
+    ok_r = (idx_r >= 0) & (idx_r < shape_ijk[a_row])
+    out = np.zeros((rows, cols), labels_ijk.dtype)
+    if not (0 <= fix < shape_ijk[a_fix]) or not ok_c.any() or not ok_r.any():
+        return out
+    index: list[Any] = [fix, fix, fix]
+    index[a_col] = _as_slice(idx_c[ok_c])
+    index[a_row] = _as_slice(idx_r[ok_r])
+    if isinstance(index[a_col], slice) and isinstance(index[a_row], slice):
+        # The usual case (same pixel grid, one voxel step per pixel): a strided view.
+        block = labels_ijk[tuple(index)]
+        block = block.T if a_col < a_row else block
+    else:
+        index[a_col] = idx_c[ok_c][None, :]
+        index[a_row] = idx_r[ok_r][:, None]
+        block = labels_ijk[tuple(index)]
+    r0, c0 = int(np.argmax(ok_r)), int(np.argmax(ok_c))
+    out[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    return out
+
+
+def _as_slice(idx: npt.NDArray[np.intp]) -> slice | npt.NDArray[np.intp]:
+    """``idx`` as a slice when it steps by +1 or -1 (a view instead of a gather)."""
+    if idx.size < 2:
+        return slice(int(idx[0]), int(idx[0]) + 1)
+    step = int(idx[1] - idx[0])
+    if step not in (1, -1) or not np.all(np.diff(idx) == step):
+        return idx
+    stop = int(idx[-1]) + step
+    return slice(int(idx[0]), None if stop < 0 else stop, step)
+
+
+def _plane_general(labels_ijk: npt.NDArray[Any], b: npt.NDArray[np.float64],
+                   u: npt.NDArray[np.float64], v: npt.NDArray[np.float64], rows: int,
+                   cols: int) -> npt.NDArray[Any]:
+    """The plane's labels by nearest neighbour, pixel by pixel (any orientation)."""
+    c = np.arange(cols, dtype=np.float64)[None, :]
+    r = np.arange(rows, dtype=np.float64)[:, None]
+    idx = [_nearest(b[a] + c * u[a] + r * v[a]) for a in range(3)]
+    ok = np.ones((rows, cols), bool)
+    for a in range(3):
+        ok &= (idx[a] >= 0) & (idx[a] < labels_ijk.shape[a])
+    out = np.zeros((rows, cols), labels_ijk.dtype)
+    out[ok] = labels_ijk[idx[0][ok], idx[1][ok], idx[2][ok]]
+    return out
+
+
+def labels_on_planes(labels: CTVolume, planes: Sequence[SourcePlane], *,
+                     per_pixel: bool = False) -> npt.NDArray[np.uint8]:
+    """The label of the nearest voxel of ``labels`` at every pixel of every plane, as an
+    array ``(n_planes, rows, columns)``; pixels outside the label grid are 0.
+
+    ``labels`` may be on any grid in the planes' frame of reference (the loaded, possibly
+    resampled grid, or the same voxels in another index order). A plane whose rows and
+    columns run along label index axes is mapped by an index shift; others pixel by pixel.
+    ``per_pixel`` forces the pixel-by-pixel path (the two agree, which a test checks)."""
+    if not planes:
+        raise OutputError("no source planes to put the labels on")
+    rows, cols = planes[0].rows, planes[0].columns
+    if any(p.rows != rows or p.columns != cols for p in planes):
+        raise OutputError("the source frames differ in size: a SEG needs one frame size")
+    labels_ijk = np.asarray(labels.array).transpose(2, 1, 0)
+    out = np.zeros((len(planes), rows, cols), np.uint8)
+    for n, plane in enumerate(planes):
+        b, u, v = _plane_affine(labels, plane)
+        frame = None if per_pixel else _plane_shift(labels_ijk, b, u, v, rows, cols)
+        out[n] = _plane_general(labels_ijk, b, u, v, rows, cols) if frame is None else frame
+    return out
+
+
+# -- building, checking, writing ----------------------------------------------------------
+def _algorithm(method: str, model: dict[str, Any] | None) -> Any:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    params = {"method": method}
+    if model:
+        params.update({"model": str(model.get("name")), "model_sha256": str(model.get("sha256"))})
+    # The U-Net is a neural network; the threshold baseline is a HU threshold followed by
+    # connected components and morphology.
+    family = codes.cid7162.ArtificialIntelligence if method == "unet" \
+        else codes.cid7162.MorphologicalOperations
+    return hd.AlgorithmIdentificationSequence(name="medseg", family=family,
+                                              version=__version__, source="medseg",
+                                              parameters=params)
+
+
+def _segment_descriptions(method: str, model: dict[str, Any] | None) -> list[Any]:
+    import highdicom as hd
+
+    algorithm = _algorithm(method, model)
+    out = []
+    for number, (label, code, rgb) in SEGMENTS.items():
+        out.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=ANATOMICAL_STRUCTURE,
+            segmented_property_type=code,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(),
+            tracking_id=f"medseg {label.lower()}",
+            display_color=hd.color.CIELabColor.from_rgb(*rgb),
+        ))
+    return out
+
+
+def verify_seg(data: bytes, frames: npt.NDArray[np.uint8], planes: Sequence[SourcePlane], *,
+               path: str | Path | None = None) -> None:
+    """Decode the encoded SEG ``data`` with highdicom and check it gives ``frames`` on each
+    source plane, pixel for pixel; raise :class:`OutputError` naming the first plane that
+    differs."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(io.BytesIO(data))
+        uids = [p.sop_instance_uid for p in planes]
+        if planes[0].frame_number is None:
+            decoded = seg.get_pixels_by_source_instance(
+                uids, combine_segments=True, assert_missing_frames_are_empty=True,
+                dtype=np.uint8)
+        else:
+            decoded = seg.get_pixels_by_source_frame(
+                uids[0], [int(p.frame_number or 0) for p in planes], combine_segments=True,
+                assert_missing_frames_are_empty=True, dtype=np.uint8)
+    except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise OutputError(f"the DICOM SEG does not decode again ({exc}); nothing written",
+                          path=path) from exc
+    if decoded.shape != frames.shape:
+        raise OutputError(f"the DICOM SEG decodes to shape {decoded.shape}, not "
+                          f"{frames.shape}; nothing written", path=path)
+    differ = np.flatnonzero((decoded != frames).reshape(len(planes), -1).any(axis=1))
+    if differ.size:
+        p = planes[int(differ[0])]
+        n_bad = int(np.count_nonzero(decoded != frames))
+        raise OutputError(
+            f"read-back check failed: the decoded DICOM SEG differs from the labels in "
+            f"{n_bad} pixel(s) on {differ.size} source plane(s), first SOPInstanceUID "
+            f"{p.sop_instance_uid}; nothing written", path=path)
+
+
+def build_seg(image: CTVolume, labels: CTVolume, *, method: str = "unet",
+              model: dict[str, Any] | None = None,
+              sources: tuple[list[Dataset], list[SourcePlane]] | None = None) -> EncodedSeg:
+    """Encode ``labels`` (0 background, 1 right lung, 2 left lung) as a BINARY DICOM SEG on
+    the planes of the DICOM images ``image`` was loaded from, and check it decodes back to
+    the same labels. ``model`` is :attr:`medseg.segment.Segmentation.model` (name and
+    sha256), ``sources`` what :func:`read_source_planes` returned (read when None)."""
+    import highdicom as hd
+
+    md = image.metadata
+    arr = labels.array
+    if arr.size and (arr.min() < 0 or arr.max() > max(SEGMENTS)):
+        extra = sorted(set(np.unique(arr).tolist()) - {0, *SEGMENTS})
+        raise OutputError(f"labels hold values {extra} beyond 0, 1 (right lung) and 2 (left "
+                          "lung): not a lung label map", path=labels.metadata.source_path)
+    headers, planes = sources if sources is not None else read_source_planes(image)
+    frames = labels_on_planes(labels, planes)
+    try:
+        with warnings.catch_warnings():
+            # highdicom warns about a one-component PatientName ("REMOVED", "ANON"): it is the
+            # source's name, copied unchanged, and not for medseg to rewrite.
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended "
+                                    "person name", category=UserWarning)
+            seg = hd.seg.Segmentation(
+                source_images=headers,
+                pixel_array=frames,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=_segment_descriptions(method, model),
+                series_instance_uid=generate_uid(),
+                series_number=SEG_SERIES_NUMBER,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="medseg",
+                manufacturer_model_name=f"medseg lung segmentation ({method})",
+                software_versions=__version__,
+                device_serial_number=f"medseg-{__version__}",
+                content_label="LUNGS",
+                content_description="Right and left lung (medseg)",
+                series_description="medseg lungs",
+                # A SEG with no lung at all still records that nothing was found.
+                omit_empty_frames=bool(frames.any()),
+            )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"highdicom refused to build the DICOM SEG: {exc}",
+                          path=md.source_path, series=md.series_instance_uid) from exc
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    verify_seg(data, frames, planes, path=md.source_path)
+    return EncodedSeg(dataset=seg, data=data, frames=frames, planes=planes)
+
+
+def write_seg(image: CTVolume, labels: CTVolume, path: str | Path, *, method: str = "unet",
+              model: dict[str, Any] | None = None) -> Path:
+    """Build, check and atomically write the SEG (see :func:`build_seg`) to ``path``."""
+    encoded = build_seg(image, labels, method=method, model=model)
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(encoded.data)
+    return target
