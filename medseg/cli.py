@@ -130,7 +130,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                            model=args.model, batch_size=args.batch_size, threads=args.threads,
                            progress=progress, reference=args.reference,
                            report=not args.no_report, study_id=args.study_id,
-                           show_phi=args.show_phi)
+                           show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg)
     summary = result.summary
     for w in summary["warnings"]:
         print(f"medseg: warning: {args.input}: {w}", file=sys.stderr)
@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment the right (label 1) and left (label 2) lung of INPUT. Writes "
         "OUT_DIR/lungs.nii.gz (uint8, on the input's exact grid and orientation) and "
         "OUT_DIR/segment.json (what ran, model checksum, input summary, timings, lung volumes, "
-        "warnings). Runs offline on the CPU with the model shipped in the package.")
+        "warnings); for DICOM input also OUT_DIR/lungs.seg.dcm (DICOM SEG on the source images' "
+        "planes) and OUT_DIR/lungs.sr.dcm (DICOM SR measurement report). Runs offline on the "
+        "CPU with the model shipped in the package.")
     p.add_argument("input", type=Path, help="DICOM folder/file, NIfTI, NRRD or MHA (CT in HU)")
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-phi", action="store_true",
                    help="show patient name, ID and study date in the report (hidden by "
                    "default)")
+    p.add_argument("--no-dicom-seg", action="store_true",
+                   help="for DICOM input, skip lungs.seg.dcm (DICOM SEG) and lungs.sr.dcm "
+                   "(DICOM SR measurement report), written by default")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=_cmd_segment)
 
@@ -411,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg.batch.cli import register as register_batch
 
     register_batch(sub)
+    from medseg.pacs.cli import register as register_pacs
+
+    register_pacs(sub)
     return parser
 
 

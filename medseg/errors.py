@@ -20,7 +20,13 @@ without a traceback.
     │   ├── PixelDataError          pixel data missing, undecodable, NaN, wrong size
     │   └── ModalityError           e.g. segmentation asked of an MR series
     ├── OutputError                 an output cannot be written
-    └── ConfigError                 a pipeline/config file or an argument is invalid
+    ├── ConfigError                 a pipeline/config file or an argument is invalid
+    └── PacsError                   a DICOMweb server cannot be used (names the URL, never
+        │                           the credentials)
+        ├── PacsConnectionError     nothing answers, connection refused, timeout, TLS failure
+        ├── PacsAuthError           401/403: missing or wrong credentials, no permission
+        ├── PacsNotFoundError       404 or a non-DICOMweb answer: wrong URL, unknown study
+        └── PacsStoreError          STOW-RS refused some or all instances
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ __all__ = [
     "NotAVolumeError",
     "NotFoundError",
     "OutputError",
+    "PacsAuthError",
+    "PacsConnectionError",
+    "PacsError",
+    "PacsNotFoundError",
+    "PacsStoreError",
     "PixelDataError",
     "SeriesSelectionError",
     "UnreadableFileError",
@@ -126,3 +137,33 @@ class OutputError(MedsegError):
 
 class ConfigError(MedsegError):
     """A configuration file or an argument is invalid."""
+
+
+class PacsError(MedsegError):
+    """A DICOMweb server cannot be used as asked.
+
+    ``url`` is the server's URL (or the request's) without credentials; messages never hold
+    a user name, password or token. Connection problems and server errors may be transient
+    (a batch retries them); the subclasses say which problem it is.
+    """
+
+    def __init__(self, reason: str, *, url: str | None = None, series: str | None = None
+                 ) -> None:
+        self.url = url
+        super().__init__(reason, path=url, series=series)
+
+
+class PacsConnectionError(PacsError):
+    """Nothing answers at the URL: connection refused, unknown host, timeout, TLS failure."""
+
+
+class PacsAuthError(PacsError):
+    """The server refused the credentials (401) or the permission (403)."""
+
+
+class PacsNotFoundError(PacsError):
+    """404, or an answer that is not DICOMweb: a wrong root URL, or an unknown study/series."""
+
+
+class PacsStoreError(PacsError):
+    """STOW-RS refused some or all of the instances sent (the failed SOP instances named)."""

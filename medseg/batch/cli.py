@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from medseg.batch.runner import BatchConfig, BatchResult, Progress, run_batch
 from medseg.errors import ConfigError
+from medseg.pacs.cli import add_batch_arguments, batch_options
 
 __all__ = ["config_from_yaml", "register", "run_config"]
 
@@ -149,7 +150,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                      scheduler=args.scheduler,
                      reference_dir=str(args.reference_dir) if args.reference_dir else None,
                      method=args.method, model=args.model, max_attempts=args.max_attempts,
-                     threads=args.threads, show_phi=args.show_phi)
+                     threads=args.threads, show_phi=args.show_phi,
+                     pacs=batch_options(args))
     return run(config, quiet=args.quiet)
 
 
@@ -194,9 +196,11 @@ def register(sub: Any) -> None:
         "are given, and the state in OUT_DIR/batch.sqlite. Run it again to resume: finished "
         "studies whose outputs verify are skipped, failed ones are retried up to "
         "--max-attempts. One study's failure never stops the others; the exit status is 1 "
-        "if any study failed.",
+        "if any study failed. SOURCE may also be a DICOMweb server, dicomweb+URL (see "
+        "'DICOMweb source' below and docs/how-to/pacs.md).",
         epilog="See docs/how-to/cluster.md for SLURM and Kubernetes.")
-    p.add_argument("source", type=Path, help="folder of studies, or a manifest .csv")
+    p.add_argument("source", help="folder of studies, a manifest .csv, or a DICOMweb root "
+                   "dicomweb+http(s)://HOST/ROOT")
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=_positive, default=1,
                    help="parallel worker processes on this machine (default 1: in this "
@@ -222,4 +226,5 @@ def register(sub: Any) -> None:
                    "default; never used in file names)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress, notes or summary (failures are still listed)")
+    add_batch_arguments(p)
     p.set_defaults(func=_cmd_batch)

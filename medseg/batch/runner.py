@@ -45,6 +45,7 @@ Design
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -63,6 +64,7 @@ from typing import Any
 from medseg.batch.sources import StudySpec, discover_studies
 from medseg.batch.state import StateDB, StudyRow, checksum_folder, utc_now, verify_outputs
 from medseg.errors import ConfigError, InputError, MedsegError, OutputError
+from medseg.pacs.options import PACS_CACHE_NAME, PacsBatchOptions, is_dicomweb_source
 
 __all__ = [
     "STAGING_NAME",
@@ -94,7 +96,9 @@ class BatchConfig:
     ``reference_dir``: reference labels ``<id>.nii.gz`` for validation; ``method``, ``model``
     as for ``medseg segment``; ``max_attempts``: tries per study over all runs;
     ``threads``: torch threads per study (default: see the module docstring);
-    ``show_phi``: patient name/ID/date in the reports.
+    ``show_phi``: patient name/ID/date in the reports; ``pacs``: filters, ``push`` and
+    connection settings when ``source`` is a DICOMweb root ``dicomweb+URL`` (see
+    :mod:`medseg.pacs.batch`).
     """
 
     source: str
@@ -107,6 +111,7 @@ class BatchConfig:
     max_attempts: int = 2
     threads: int | None = None
     show_phi: bool = False
+    pacs: PacsBatchOptions | None = None
 
     def __post_init__(self) -> None:
         # ValueError: from_mapping turns it into a ConfigError naming the pipeline file.
@@ -124,6 +129,9 @@ class BatchConfig:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.method == "threshold" and self.model is not None:
             raise ValueError("model applies to method unet, not threshold")
+        if self.pacs is not None and not is_dicomweb_source(self.source):
+            raise ValueError("PACS options (push, filters, credentials) need a DICOMweb "
+                             f"source dicomweb+http(s)://..., got {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class StudyTask:
     model: str | None
     threads: int | None
     show_phi: bool
+    pacs: Any = None  # a medseg.pacs.batch.PacsJob for a DICOMweb source
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -196,11 +205,19 @@ def run_study(task: StudyTask) -> dict[str, Any]:
                            "worker": _worker_name()}
     try:
         model = worker_model(task.model) if task.method == "unet" and task.model else None
-        res = segment_study(task.source, staging, method=task.method, model=model,
-                            threads=task.threads, reference=task.reference,
-                            study_id=task.study_id, show_phi=task.show_phi)
+        segment = functools.partial(segment_study, out_dir=staging, method=task.method,
+                                    model=model, threads=task.threads,
+                                    reference=task.reference, study_id=task.study_id,
+                                    show_phi=task.show_phi)
+        extra: dict[str, Any] = {}
+        if task.pacs is None:
+            res = segment(task.source)
+        else:  # pull the study's series from the server first (and push the SEG after)
+            from medseg.pacs.batch import run_pacs_study
+
+            res, extra = run_pacs_study(task.pacs, task.source, staging, segment)
         out.update(status="done", outputs=checksum_folder(staging),
-                   result=_study_result(staging, res.summary))
+                   result={**_study_result(staging, res.summary), **extra})
     except Exception as exc:  # noqa: BLE001 - one study's failure must never stop the others
         shutil.rmtree(staging, ignore_errors=True)
         expected = isinstance(exc, MedsegError)
@@ -421,7 +438,7 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 #: What a study folder may hold: the outputs of ``segment_study`` and its temporary files.
 _OUTPUT_NAMES = frozenset({"lungs.nii.gz", "segment.json", "report.json", "report.html",
-                           "report.csv"})
+                           "report.csv", "lungs.seg.dcm", "lungs.sr.dcm"})
 
 
 def _is_study_output(path: Path) -> bool:
@@ -471,8 +488,11 @@ def _resolve_model(config: BatchConfig) -> tuple[str | None, str]:
             name = os.path.abspath(name)
         loaded = worker_model(name)
         model = {"name": loaded.spec.name, "sha256": loaded.sha256}
-    params = json.dumps({"method": config.method, "model": model,
-                         "show_phi": config.show_phi}, sort_keys=True)
+    fingerprint: dict[str, Any] = {"method": config.method, "model": model,
+                                   "show_phi": config.show_phi}
+    if config.pacs is not None and config.pacs.push:  # stored back: a new result
+        fingerprint["push"] = True
+    params = json.dumps(fingerprint, sort_keys=True)
     return name, params
 
 
@@ -558,7 +578,8 @@ def _record(db: StateDB, task: StudyTask, res: dict[str, Any], out: Path) -> dic
 
 def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchConfig,
              model: str | None, threads: int | None, out: Path, status: dict[str, str],
-             report: Callable[[], None], log: Callable[[str], None]) -> list[str]:
+             report: Callable[[], None], log: Callable[[str], None],
+             pacs: Any = None) -> list[str]:
     """Run ``todo`` with at most ``executor.capacity()`` studies in flight; returns the ids
     processed. On Ctrl-C (or an error of the whole batch) the in-flight studies are
     cancelled, their staging folders removed and their attempts given back."""
@@ -580,7 +601,7 @@ def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchCon
                                       path=staging) from exc
                 task = StudyTask(study_id=s.study_id, source=s.source, reference=s.reference,
                                  staging=str(staging), method=config.method, model=model,
-                                 threads=threads, show_phi=config.show_phi)
+                                 threads=threads, show_phi=config.show_phi, pacs=pacs)
                 in_flight[s.study_id] = task
                 executor.submit(task)
             task, res = executor.next_result()
@@ -622,8 +643,15 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path=out) \
             from exc
     with _exclusive(out):
-        studies = discover_studies(config.source, reference_dir=config.reference_dir,
-                                   exclude=out)
+        pacs = None
+        if is_dicomweb_source(config.source):
+            from medseg.pacs.batch import discover_pacs_studies, make_job
+
+            pacs = make_job(config.source, config.pacs)
+            studies = discover_pacs_studies(pacs, reference_dir=config.reference_dir)
+        else:
+            studies = discover_studies(config.source, reference_dir=config.reference_dir,
+                                       exclude=out)
         model, params = _resolve_model(config)
         with StateDB(out / STATE_NAME) as db:
             interrupted = db.recover_interrupted()
@@ -636,6 +664,7 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                 say(f"removing {len(leftovers)} incomplete staging folder(s) of an earlier "
                     "run")
             shutil.rmtree(staging_root, ignore_errors=True)
+            shutil.rmtree(out / PACS_CACHE_NAME, ignore_errors=True)
             todo, skipped, exhausted = _plan(db, studies, params, out, config.max_attempts,
                                              say)
             # "pending" for what this run will do, the recorded status for the rest
@@ -662,7 +691,7 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                     executor = _InProcess()
                 try:
                     processed = _execute(db, executor, todo, config, model, threads, out,
-                                         status, report, say)
+                                         status, report, say, pacs=pacs)
                 finally:
                     executor.close()
             rows = db.rows(s.study_id for s in studies)
@@ -676,5 +705,6 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
             result.outputs.update({f"validation_{k}": v for k, v in
                                    validation.outputs.items()})
         shutil.rmtree(out / STAGING_NAME, ignore_errors=True)
+        shutil.rmtree(out / PACS_CACHE_NAME, ignore_errors=True)
         result.seconds = time.monotonic() - t0
     return result

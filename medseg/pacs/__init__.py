@@ -1,0 +1,43 @@
+"""DICOMweb: find studies (QIDO-RS), download them (WADO-RS), store results (STOW-RS).
+
+The PACS is a source and a sink of the flow, nothing more: a study is pulled into a local
+folder and read by the ordinary DICOM loader; the SEG and SR that ``medseg segment``
+writes are pushed back as files.
+
+* :mod:`medseg.pacs.client`: :class:`PacsClient` over ``dicomweb-client``, credentials,
+  TLS, errors;
+* :mod:`medseg.pacs.select`: which series of a study to segment;
+* :mod:`medseg.pacs.batch`: a DICOMweb root as the source of ``medseg batch``;
+* :mod:`medseg.pacs.cli`: ``medseg pacs query|pull|push``.
+"""
+
+from __future__ import annotations
+
+from medseg.pacs.client import (
+    Credentials,
+    PacsClient,
+    PacsConfig,
+    SeriesRecord,
+    StoreResult,
+    StudyRecord,
+    load_credentials,
+    make_config,
+)
+from medseg.pacs.options import DICOMWEB_PREFIX, PacsBatchOptions, SelectionRules
+from medseg.pacs.select import Choice, choose_series
+
+__all__ = [
+    "DICOMWEB_PREFIX",
+    "Choice",
+    "Credentials",
+    "PacsBatchOptions",
+    "PacsClient",
+    "PacsConfig",
+    "SelectionRules",
+    "SeriesRecord",
+    "StoreResult",
+    "StudyRecord",
+    "choose_series",
+    "load_credentials",
+    "make_config",
+]
