@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medseg.errors import InputError
+from medseg.inference.postprocess import bounding_box
 from medseg.volume import CTVolume
 
 __all__ = ["HIST_EDGES", "LAA_THRESHOLD_HU", "PD_PERCENTILE", "quantify"]
@@ -106,19 +107,23 @@ def quantify(image: CTVolume, labels: CTVolume) -> dict[str, Any]:
         raise InputError("the labels are not on the CT's grid (shape or world geometry "
                          f"differs: {labels.shape} vs {image.shape})",
                          path=labels.metadata.source_path)
-    lab = labels.array
-    hu = image.array
     voxel_ml = image.voxel_volume_ml()
     per_label: dict[str, Any] = {}
     hist: dict[str, list[int]] = {}
-    inner = np.clip(hu, HIST_EDGES[0], HIST_EDGES[-1] - 1e-3)
+    # the lungs' bounding box holds every lung voxel: a third of the volume or less
+    box = bounding_box(labels.array > 0, margin=0) or (slice(0, 0),) * 3
+    lab = labels.array[box]
+    hu = image.array[box]
     for name, values in _LABELS.items():
-        mask = np.isin(lab, values)
+        mask = lab == values[0]
+        for v in values[1:]:
+            mask |= lab == v
         vals = hu[mask]
         per_label[name] = _lung_stats(vals, voxel_ml)
-        hist[name] = np.histogram(inner[mask], bins=HIST_EDGES)[0].astype(int).tolist()
+        inner = np.clip(vals, HIST_EDGES[0], HIST_EDGES[-1] - 1e-3)
+        hist[name] = np.histogram(inner, bins=HIST_EDGES)[0].astype(int).tolist()
     warnings = acquisition_warnings(image) if per_label["lung"]["n_voxels"] else []
-    lung = lab > 0
+    lung = labels.array > 0
     for end, where in ((0, "first"), (-1, "last")):
         if lung[end].any():
             warnings.append(f"lung touches the {where} slice: it may extend beyond the field "

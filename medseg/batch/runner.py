@@ -163,7 +163,10 @@ def worker_model(name: str) -> Any:
     with _MODEL_LOCK:
         model = _MODELS.get(name)
         if model is None:
+            from medseg import _alloc
             from medseg.models import load_model
+
+            _alloc.tune()  # a worker process runs many studies: reuse freed memory
 
             model = load_model(name)
             _MODELS[name] = model

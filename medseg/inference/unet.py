@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Invertd
 
+from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
 from medseg.models import LoadedModel
 from medseg.preprocess import (
     orientation_transform,
@@ -42,9 +43,9 @@ WINDOW_OVERLAP = 0.25
 
 @dataclass
 class InferenceSettings:
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
-    slab_slices: int = 48
+    slab_slices: int = SLAB_SLICES
     overlap: float = WINDOW_OVERLAP
     timings: dict[str, float] = field(default_factory=dict)
 
