@@ -43,6 +43,8 @@ bench: install
 	$(BIN)/python benchmarks/segment_vs_lungmask.py --memory
 	$(BIN)/python benchmarks/metrics_vs_monai.py
 	$(BIN)/python benchmarks/onnx_vs_torch.py
+	$(BIN)/python benchmarks/inference_batch_size.py
+	$(BIN)/python benchmarks/allocator.py
 	$(BIN)/python benchmarks/batch_throughput.py
 
 clean:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,8 +49,13 @@ def run_medseg(src: Path, out: Path, threads: int | None) -> float:
     ``medseg segment`` does is timed: read, segment, write the mask, the report files
     (HTML with montages, JSON, CSV) and, for DICOM input, the DICOM SEG and SR."""
     import medseg.inference.unet  # torch, MONAI
+    import medseg.io.dicom_seg  # highdicom
+    import medseg.io.dicom_sr
     import medseg.report.study  # noqa: F401  (Jinja2, matplotlib)
+    from medseg import _alloc
     from medseg.models import load_model
+
+    _alloc.tune()  # as the medseg command does (lungmask, run later in this process, gains too)
     from medseg.segment import segment_study
 
     model = load_model()
@@ -101,10 +105,15 @@ def run_lungmask(src: Path, out: Path, threads: int | None) -> float:
 
 
 def peak_memory(src: Path, out: Path) -> float:
-    """Maximum RSS (GiB) of a child process running ``medseg segment``."""
+    """Maximum RSS (GiB) of a child process running ``medseg segment``, from that child's
+    own resource usage (``os.wait4``), not the maximum over every child of this process."""
     cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q"]
-    subprocess.run(cmd, check=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"medseg segment failed with exit code {proc.returncode}")
+    return usage.ru_maxrss / 1024**2
 
 
 def main() -> None:
@@ -124,7 +133,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         if args.memory:
-            src = make_synthetic(tmpd / "ct600.nii.gz", 600)
+            src = tmpd / "ct600.nii.gz"
+            subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "from segment_vs_lungmask import make_synthetic; "
+                            "from pathlib import Path; make_synthetic(Path(sys.argv[2]), 600)",
+                            str(Path(__file__).parent), str(src)], check=True)
             gib = peak_memory(src, tmpd / "out_mem")
             print(f"medseg segment, 512x512x600: peak RSS {gib:.2f} GiB")
             return

@@ -1,15 +1,16 @@
 """Allocator tuning for the large, short-lived arrays of a CT run (Linux, glibc only).
 
-glibc returns every freed block above its mmap threshold (at most 32 MiB, adjusted at run
-time) to the kernel at once, so each new slab, probability map or mask of a study is fresh
-memory the kernel must zero page by page. On the 2-core VM this project is measured on,
-those page faults cost about a second of system time per 141-slice study. Raising the mmap
-and trim thresholds keeps freed memory in the process for the next array: measured on
-chest-ct-philips-141, ``medseg segment`` (warm) went from 5.6-6.7 s to 4.1-4.8 s, minor page
-faults from ~180 k to ~55 k per study, peak RSS unchanged (1.42 vs 1.42 GB); see
-docs/benchmarks.md. Memory freed stays reserved until the process ends (the peak is the
-same), which suits a command or a batch worker; :func:`tune` is called by the ``medseg``
-command and by batch workers, never on import of the library.
+By default glibc hands every freed block above its mmap threshold back to the kernel at
+once and trims the heap top early, so each new slab, probability map or mask of a study is
+fresh memory the kernel must zero page by page. On the 2-core VM this project is measured
+on, those page faults cost most of a second of system time per 141-slice study. A fixed
+64 MiB mmap threshold and a 512 MiB trim threshold keep the smaller arrays' memory in the
+process for the next one, while arrays of a whole 512 x 512 volume (74 MiB and up) stay
+mmap'ed, so they cannot fragment the heap. Measured with ``benchmarks/allocator.py`` (see
+docs/benchmarks.md); a 1 GiB mmap threshold was no faster on the 141-slice study.
+
+:func:`tune` is called by the ``medseg`` command and by batch workers, never on import of
+the library (an embedding application keeps its own allocator settings).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ __all__ = ["tune"]
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-#: Blocks below this come from the heap and are reused; only larger ones are mmap'ed.
-MMAP_THRESHOLD = 1 << 30
+#: Blocks below this come from the heap and are reused; larger ones are mmap'ed.
+MMAP_THRESHOLD = 64 << 20
 #: Free memory at the top of the heap kept for reuse instead of trimmed.
-TRIM_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = 512 << 20
 #: Extra heap requested per growth, so a run of allocations grows the heap a few times only.
-TOP_PAD = 256 << 20
+TOP_PAD = 64 << 20
 
 _done = False
 
