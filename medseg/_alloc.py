@@ -2,12 +2,13 @@
 
 By default glibc hands every freed block above its mmap threshold back to the kernel at
 once and trims the heap top early, so each new slab, probability map or mask of a study is
-fresh memory the kernel must zero page by page. On the 2-core VM this project is measured
-on, those page faults cost most of a second of system time per 141-slice study. A fixed
-64 MiB mmap threshold and a 512 MiB trim threshold keep the smaller arrays' memory in the
-process for the next one, while arrays of a whole 512 x 512 volume (74 MiB and up) stay
-mmap'ed, so they cannot fragment the heap. Measured with ``benchmarks/allocator.py`` (see
-docs/benchmarks.md); a 1 GiB mmap threshold was no faster on the 141-slice study.
+fresh memory the kernel must zero page by page. A fixed 64 MiB mmap threshold and a
+512 MiB trim threshold keep the smaller arrays' memory in the process for the next one,
+while arrays of a whole 512 x 512 volume (74 MiB and up) stay mmap'ed, so they cannot
+fragment the heap. Measured with ``benchmarks/allocator.py`` on chest-ct-philips-141 (the
+whole ``medseg segment`` job, warm, 2-core VM): median 4.67 s -> 4.40 s, minor page faults
+89 k -> 11 k per study, peak RSS 1.26 -> 1.30 GiB (docs/benchmarks.md). A 1 GiB mmap
+threshold was no faster.
 
 :func:`tune` is called by the ``medseg`` command and by batch workers, never on import of
 the library (an embedding application keeps its own allocator settings).

@@ -2,8 +2,9 @@
 the shared postprocessing (:mod:`.postprocess`). Importing this package imports no torch."""
 
 #: Windows per network call and axial slices per slab. Small batches keep each layer's
-#: activations in the CPU caches: on chest-ct-philips-141 (2-core VM, 2 threads) U-Net
-#: inference took 1.9-2.0 s with (4, 16), 2.6-3.3 s with (16, 48) and 3.4-4.1 s with
-#: (48, 48); see docs/benchmarks.md ("Inference batch size").
+#: activations in the CPU caches and reuse memory: on chest-ct-philips-141 (2-core VM,
+#: 2 threads) ``benchmarks/inference_batch_size.py`` measured 1.86 s with (4, 16) against
+#: 2.10 s with (16, 48) and 2.07 s with (48, 48) (allocator tuned as the command does;
+#: untuned, 1.9-2.0 s against 2.6-3.3 s and 3.4-4.1 s); docs/benchmarks.md.
 DEFAULT_BATCH_SIZE = 4
 SLAB_SLICES = 16
