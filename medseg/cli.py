@@ -409,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--count", type=int, default=1, help="number of phantoms (default 1)")
     p.add_argument("--shape", type=lambda t: _parse_triple(t, int), default=(64, 128, 128),
-                   metavar="Z,Y,X", help="voxels (default 64,128,128)")
+                   metavar="Z,Y,X", help="voxels (default 64,128,128). The generator "
+                   "holds full-size float64 intermediates: about 130 bytes per voxel at its "
+                   "peak (19 GiB for 600,512,512; measured), so keep clinical-size "
+                   "phantoms to a few hundred slices")
     p.add_argument("--spacing", type=lambda t: _parse_triple(t, float),
                    default=(2.7, 2.7, 5.0), metavar="SX,SY,SZ",
                    help="voxel size in mm (default 2.7,2.7,5.0)")
