@@ -54,10 +54,9 @@ def run_medseg(src: Path, out: Path, threads: int | None) -> float:
     import medseg.report.study  # noqa: F401  (Jinja2, matplotlib)
     from medseg import _alloc
     from medseg.models import load_model
-
-    _alloc.tune()  # as the medseg command does (lungmask, run later in this process, gains too)
     from medseg.segment import segment_study
 
+    _alloc.tune()  # as the medseg command does (lungmask, run later in this process, gains too)
     model = load_model()
     t0 = time.perf_counter()
     segment_study(src, out, threads=threads, model=model)

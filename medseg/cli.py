@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default lung2d-v1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"slices per network call (default {DEFAULT_BATCH_SIZE}: fastest "
-                   "on a 2-core CPU; larger batches gain nothing on a CPU)")
+                   help=f"slices per network call (default {DEFAULT_BATCH_SIZE}, the fastest "
+                   "measured on a 2-core CPU; see docs/benchmarks.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the network (default: torch's choice)")
     p.add_argument("--reference", type=Path, default=None, metavar="LABELS",

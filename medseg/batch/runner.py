@@ -167,7 +167,6 @@ def worker_model(name: str) -> Any:
             from medseg.models import load_model
 
             _alloc.tune()  # a worker process runs many studies: reuse freed memory
-
             model = load_model(name)
             _MODELS[name] = model
             _MODEL_LOADS += 1
