@@ -47,6 +47,8 @@ class InferenceSettings:
     threads: int | None = None
     slab_slices: int = SLAB_SLICES
     overlap: float = WINDOW_OVERLAP
+    #: MONAI's blending of overlapping windows: "gaussian" (default) or "constant".
+    blend_mode: str = "gaussian"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,7 +78,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     inferer = SliceInferer(roi_size=(spec.roi_size, spec.roi_size),
                            sw_batch_size=settings.batch_size, spatial_dim=2,
-                           overlap=settings.overlap, mode="gaussian",
+                           overlap=settings.overlap, mode=settings.blend_mode,
                            padding_mode="constant", cval=0.0, progress=False)
     settings.timings["orient_s"] = time.perf_counter() - t0
     t_pre = t_net = t_inv = 0.0
