@@ -77,6 +77,13 @@ class MedsegError(Exception):
         self.series = series
         super().__init__(self._format())
 
+    def relocate(self, path: str | Path | None, series: str | None = None) -> None:
+        """Point the error at another location (e.g. the server a deleted local copy came
+        from); the message follows. ``series`` fills in the series if none was named."""
+        self.path = str(path) if path is not None else None
+        self.series = self.series or series
+        self.args = (self._format(),)
+
     def _format(self) -> str:
         parts = []
         if self.path:

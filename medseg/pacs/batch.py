@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.batch.sources import StudySpec, _unique, find_reference, sanitize_id
-from medseg.errors import ConfigError, NotFoundError, OutputError
+from medseg.errors import ConfigError, MedsegError, NotFoundError, OutputError
 from medseg.pacs.client import PacsClient, PacsConfig, make_config
 from medseg.pacs.options import DICOMWEB_PREFIX, PACS_CACHE_NAME, PacsBatchOptions
 from medseg.pacs.select import choose_series
@@ -99,6 +99,19 @@ def discover_pacs_studies(job: PacsJob, *, reference_dir: str | Path | None = No
             for sid, uid in zip(ids, uids, strict=True)]
 
 
+def _cite_pacs_source(exc: MedsegError, cache: Path, source: str, series_uid: str) -> None:
+    """Make an error about a pulled file name the study on the server (the local copy is
+    deleted when the error is reported): ``dicomweb+URL/studies/UID`` and the series, with
+    the file's name kept for an instance-level error."""
+    if exc.path is None:
+        return
+    try:
+        rel = Path(exc.path).resolve().relative_to(cache.resolve())
+    except ValueError:
+        return
+    exc.relocate(source if rel == Path(".") else f"{source} (pulled file {rel})", series_uid)
+
+
 def run_pacs_study(job: PacsJob, source: str, staging: Path,
                    segment: Callable[[Path], Any]) -> tuple[Any, dict[str, Any]]:
     """Choose, pull, segment (``segment(folder)`` writes into ``staging``) and, with
@@ -111,7 +124,11 @@ def run_pacs_study(job: PacsJob, source: str, staging: Path,
     cache = Path(staging).parent.parent / PACS_CACHE_NAME / Path(staging).name
     try:
         n = client.pull(uid, cache, series=[choice.series])
-        result = segment(cache)
+        try:
+            result = segment(cache)
+        except MedsegError as exc:
+            _cite_pacs_source(exc, cache, source, choice.series.series_uid)
+            raise
         pushed: list[str] = []
         if job.options.push:
             files = [Path(staging) / name for name in PUSH_NAMES]

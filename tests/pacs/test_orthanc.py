@@ -215,6 +215,9 @@ def test_batch_goes_on_past_bad_studies(orthanc: Orthanc, creds: Orthanc, studie
     assert "no eligible CT series" in mr_row["error_message"]
     assert "modality MR, not CT" in mr_row["error_message"]
     assert gap_row["error_type"] == "MissingSlicesError"
+    # the error names the study on the server, not the deleted local copy
+    assert ".pacs-cache" not in gap_row["error_message"]
+    assert f"dicomweb+{creds.url}/studies/{uid['gap']}" in gap_row["error_message"]
     assert "medseg: error: 2 of 3 studies failed" in err
     assert uid["mr"] in err and uid["gap"] in err
     assert_nothing_partial(out_dir, {uid["mr"], uid["gap"]})
