@@ -53,7 +53,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     fmt = io.detect_format(args.path)
     if fmt != "dicom":
         vol = io.load(args.path)
-        out = {"path": str(args.path), "format": fmt, **vol.summary()}
+        out = {"path": str(args.path), "format": fmt, **vol.summary(),
+               "corrections": list(vol.metadata.corrections)}
         if args.json:
             print(json.dumps(out, indent=2))
         else:
@@ -62,6 +63,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
                   f"{'x'.join(f'{v:.4g}' for v in vol.spacing)} mm, orientation "
                   f"{vol.geometry.orientation_code()}, {vol.array.dtype}, "
                   f"values {out['min']:.6g}..{out['max']:.6g}")
+            for c in vol.metadata.corrections:
+                print(f"  correction: {c}")
         return EXIT_OK
     scan = io.scan_dicom(args.path, series_uid=args.series)
     data = scan.to_dict()
@@ -267,7 +270,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     for i in range(args.count):
         seed = args.seed + i
         out_dir = args.out_dir if args.count == 1 else args.out_dir / f"phantom_{seed:03d}"
-        paths = write_phantom_study(out_dir, seed=seed, shape=args.shape, spacing=args.spacing)
+        paths = write_phantom_study(out_dir, seed=seed, shape=args.shape, spacing=args.spacing,
+                                    abdomen=args.abdomen, effusion=args.effusion,
+                                    coverage=args.coverage)
         if not args.quiet:
             print(f"phantom seed {seed}: " + ", ".join(str(p) for p in paths.values()))
     return EXIT_OK
@@ -416,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=lambda t: _parse_triple(t, float),
                    default=(2.7, 2.7, 5.0), metavar="SX,SY,SZ",
                    help="voxel size in mm (default 2.7,2.7,5.0)")
+    p.add_argument("--abdomen", action="store_true", help="add the upper abdomen: liver, "
+                   "spleen, stomach with a gas bubble, gas-containing colon and small bowel "
+                   "(never lung)")
+    p.add_argument("--effusion", action="store_true", help="add pleural effusion(s): "
+                   "dependent fluid replacing lung in the costophrenic recess (label 0)")
+    p.add_argument("--coverage", choices=("chest", "abdomen"), default="chest",
+                   help="scanned range: chest (default) or abdomen (only the bottom 20-60 mm "
+                   "of the lungs and the upper abdomen)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_synth)
 

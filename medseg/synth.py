@@ -8,15 +8,26 @@ a kernel-like blur and noise. Labels: 0 background, 1 right lung, 2 left lung. T
 include their vessels, nodules and pathology (everything inside the pleura) and exclude the
 trachea and main bronchi.
 
+Options (all off by default, so the default phantoms never change): ``abdomen=True`` adds the
+upper abdomen under the diaphragm (liver under the right dome, spleen, a stomach under the left
+dome with a gas bubble and possibly an air-fluid level, colon with its hepatic and splenic
+flexures and small-bowel loops, both partly gas-filled, mesenteric fat); ``effusion=True`` adds
+pleural effusions (fluid layering posteriorly in the costophrenic recess, replacing lung:
+label 0); ``coverage="abdomen"`` moves the scanned range down so that only the bottom 20-60 mm
+of the lungs and the upper abdomen are in the volume. Stomach, bowel, liver and effusion are
+never lung (label 0). The options draw from their own generators (seeded from ``[seed, k]``),
+never from the main stream.
+
 World frame: LPS (x to patient Left, y Posterior, z Superior), identity direction, so the
 right lung (label 1) lies at smaller x. Deterministic: the same seed gives the same arrays.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +35,11 @@ from scipy import ndimage
 
 from medseg.volume import CTVolume, Geometry, VolumeMetadata
 
-__all__ = ["make_phantom", "write_phantom_study"]
+__all__ = ["Coverage", "make_phantom", "write_phantom_study"]
+
+#: Scanned z range: "chest" (the default, lungs centred) or "abdomen" (lung bases and upper
+#: abdomen only).
+Coverage = Literal["chest", "abdomen"]
 
 # Typical CT numbers (HU); e.g. Hounsfield-scale tables in Bushberg, "The Essential Physics
 # of Medical Imaging", and lung densitometry literature for the parenchyma.
@@ -40,6 +55,9 @@ NODULE_HU = 30.0
 CANCELLOUS_BONE_HU = 300.0
 CORTICAL_BONE_HU = 900.0
 RIB_HU = 600.0
+LIVER_HU = 55.0            # unenhanced liver parenchyma
+SPLEEN_HU = 45.0
+FLUID_HU = (0.0, 20.0)     # simple fluid: effusion, gastric and small-bowel contents
 TABLE_HU = 150.0
 #: Scanners clip at -1024 (12-bit data with intercept -1024).
 HU_FLOOR = -1024
@@ -139,6 +157,17 @@ class _Canvas:
         px = self.x[box[2]][None, None, :]
         return box, _segment_distance(px, py, pz, a, b) <= r
 
+    def ellipsoid(self, c: npt.NDArray[Any], axes: npt.NDArray[Any]
+                  ) -> tuple[tuple[slice, slice, slice], npt.NDArray[np.bool_]] | None:
+        box = self._box(c - axes, c + axes)
+        if box is None:
+            return None
+        pz = self.z[box[0]][:, None, None]
+        py = self.y[box[1]][None, :, None]
+        px = self.x[box[2]][None, None, :]
+        return box, (((px - c[0]) / axes[0]) ** 2 + ((py - c[1]) / axes[1]) ** 2
+                     + ((pz - c[2]) / axes[2]) ** 2) < 1.0
+
 
 def _vessel_tree(rng: np.random.Generator, start: npt.NDArray[Any], direction: npt.NDArray[Any],
                  radius: float, depth: int) -> list[tuple[Any, Any, float]]:
@@ -156,6 +185,182 @@ def _vessel_tree(rng: np.random.Generator, start: npt.NDArray[Any], direction: n
     return segs
 
 
+def _diaphragm_height(an: _Anatomy, xw: npt.NDArray[Any], yw: npt.NDArray[Any]
+                      ) -> npt.NDArray[Any]:
+    """z (warped frame) of the lung bases: the domes under the lungs, z_base elsewhere."""
+    h = np.full(np.broadcast_shapes(xw.shape, yw.shape), an.z_base)
+    for sign, ax, dome in ((-1.0, an.lung_ax[0], an.dome[0]), (1.0, an.lung_ax[1], an.dome[1])):
+        r2 = ((xw - sign * an.lung_cx) / ax) ** 2 + ((yw - an.lung_cy) / an.lung_ay) ** 2
+        h = np.maximum(h, an.z_base + dome * np.clip(1 - r2, 0, 1))
+    return h
+
+
+def _add_effusion(rng: np.random.Generator, hu: npt.NDArray[Any], labels: npt.NDArray[Any],
+                  an: _Anatomy, xw: npt.NDArray[Any], yw: npt.NDArray[Any],
+                  zw: npt.NDArray[Any]) -> None:
+    """Pleural effusion(s): fluid layering posteriorly (supine) in the costophrenic recess.
+
+    The fluid takes the place of lung (label set to 0); the adjacent lung is compressed
+    (denser, still lung).
+    """
+    side = rng.choice(["right", "left", "both"], p=[0.4, 0.3, 0.3])
+    for lab, sign, ax in ((1, -1.0, an.lung_ax[0]), (2, 1.0, an.lung_ax[1])):
+        depth0 = rng.uniform(0.3, 1.0)      # AP fraction of the lung filled at the base
+        height = rng.uniform(40.0, 140.0)   # mm above the lowest lung point it climbs
+        meniscus = rng.uniform(0.3, 1.2)    # rises along the lateral and medial walls
+        fluid_hu = rng.uniform(*FLUID_HU)
+        compressed_hu = rng.uniform(-620.0, -480.0)
+        if side != "both" and (lab == 1) != (side == "right"):
+            continue
+        u = (xw - sign * an.lung_cx) / ax
+        v = (yw - an.lung_cy) / an.lung_ay
+        t = np.clip(1 - (zw - an.z_base) / height, 0, 1)
+        threshold = 1 - depth0 * t ** 0.7 * (1 + meniscus * u ** 2)
+        side_lung = labels == lab
+        fluid = side_lung & (t > 0) & (v > threshold)
+        if not fluid.any():
+            continue
+        band = side_lung & ~fluid & (t > 0) & (v > threshold - 0.12)
+        hu[band] = np.maximum(hu[band], compressed_hu)
+        hu[fluid] = fluid_hu
+        labels[fluid] = 0
+
+
+def _catmull_rom(points: npt.NDArray[Any], per_segment: int) -> npt.NDArray[Any]:
+    p = np.vstack([points[:1], points, points[-1:]])
+    out = []
+    for i in range(1, len(p) - 2):
+        p0, p1, p2, p3 = p[i - 1], p[i], p[i + 1], p[i + 2]
+        for t in np.linspace(0, 1, per_segment, endpoint=False):
+            out.append(0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
+                              + (3 * p1 - p0 - 3 * p2 + p3) * t ** 3))
+    out.append(p[-2])
+    return np.array(out)
+
+
+def _add_abdomen(rng: np.random.Generator, hu: npt.NDArray[Any], cv: _Canvas, an: _Anatomy,
+                 xw: npt.NDArray[Any], yw: npt.NDArray[Any], zw: npt.NDArray[Any]) -> None:
+    """Upper abdomen under the diaphragm, painted into the plain soft tissue of ``hu``.
+
+    Every organ keeps a soft-tissue diaphragm (3-6 mm) from the lungs, heart, bones, vessels
+    and fat drawn before, and gas/fluid lumens also a wall (2-4 mm). Labels are untouched
+    (nothing here is lung).
+    """
+    sx, sy, sz = (float(v) for v in cv.spacing)
+    bx, by, zb = an.body_ax, an.body_ay, an.z_base
+    dome_r, dome_l = an.dome
+    ks = np.flatnonzero((cv.z >= zb - 300.0) & (cv.z <= zb + max(an.dome) + 30.0))
+    d_dia = rng.uniform(3.0, 6.0)
+    wall = rng.uniform(2.0, 4.0)
+    if ks.size == 0:
+        return
+    kb = slice(int(ks[0]), int(ks[-1]) + 1)
+    sub = hu[kb]
+    soft = sub == SOFT_TISSUE_HU
+    below = zw[kb] < _diaphragm_height(an, xw[kb], yw[kb])
+    dist = ndimage.distance_transform_edt(soft, sampling=(sz, sy, sx))
+    ok_wall = np.zeros(hu.shape, bool)
+    ok_wall[kb] = soft & below & (dist >= d_dia)
+    ok_lumen = np.zeros(hu.shape, bool)
+    ok_lumen[kb] = ok_wall[kb] & (dist >= d_dia + wall)
+    yy = cv.y[None, :, None]
+
+    # mesenteric / retroperitoneal fat, mottled with soft tissue, inside the muscle wall
+    cavity = ok_wall[kb] & (dist >= rng.uniform(8.0, 16.0))
+    tex = ndimage.gaussian_filter(rng.normal(0, 1, sub.shape).astype(np.float32),
+                                  sigma=(5.0 / sz, 5.0 / sy, 5.0 / sx))
+    tex /= max(float(tex.std()), 1e-6)
+    sub[cavity & (tex > rng.uniform(-0.6, 0.4))] = FAT_HU + rng.uniform(-15, 15)
+
+    def solid(center: list[float], axes: list[float], value: float) -> None:
+        res = cv.ellipsoid(np.array(center), np.array(axes))
+        if res is not None:
+            box, m = res
+            hu[box][m & ok_wall[box]] = value
+
+    # liver under the right dome (its top is carved by the diaphragm), spleen posterolateral
+    liver_az = rng.uniform(80.0, 110.0)
+    solid([-0.35 * bx, rng.uniform(-0.1, 0.05) * by, zb + dome_r - 0.75 * liver_az],
+          [0.65 * bx, 0.8 * by, liver_az], LIVER_HU + rng.uniform(-5, 10))
+    spleen_az = rng.uniform(40.0, 60.0)
+    solid([0.62 * bx, 0.45 * by, zb + 0.3 * dome_l - 0.6 * spleen_az],
+          [rng.uniform(20, 30), rng.uniform(40, 55), spleen_az], SPLEEN_HU + rng.uniform(-5, 5))
+
+    def hollow(path: npt.NDArray[Any], radius: float, wall_mm: float) -> npt.NDArray[np.bool_]:
+        """Paint a tube's wall (soft tissue); return its lumen (full-size mask)."""
+        lumen = np.zeros(hu.shape, bool)
+        for a, b in itertools.pairwise(path):
+            res = cv.tube(a, b, radius + wall_mm)
+            if res is not None:
+                box, m = res
+                hu[box][m & ok_wall[box]] = SOFT_TISSUE_HU
+        for a, b in itertools.pairwise(path):
+            res = cv.tube(a, b, radius)
+            if res is not None:
+                box, m = res
+                lumen[box] |= m & ok_lumen[box]
+        return lumen
+
+    # small-bowel loops: smaller, lower and anterior; fluid with gas in some
+    for _ in range(int(rng.integers(3, 9))):
+        p = np.array([rng.uniform(-0.45, 0.45) * bx, rng.uniform(-0.6, 0.1) * by,
+                      zb - rng.uniform(70, 240)])
+        d = rng.normal(0, 1, 3)
+        pts = [p]
+        for _ in range(int(rng.integers(4, 8))):
+            d = d / np.linalg.norm(d) + rng.normal(0, 0.7, 3)
+            pts.append(pts[-1] + d / np.linalg.norm(d) * rng.uniform(18, 32))
+        lumen = hollow(_catmull_rom(np.array(pts), 4), rng.uniform(8, 13), rng.uniform(1.5, 3))
+        level = p[1] + rng.uniform(-15, 20) if rng.random() < 0.6 else -np.inf
+        hu[lumen] = rng.uniform(*FLUID_HU)
+        hu[lumen & (yy < level)] = AIR_HU
+
+    # colon: ascending, hepatic flexure, transverse (sagging, anterior), splenic flexure high
+    # under the left dome, descending; gas non-dependent, mottled stool elsewhere
+    chilaiditi = rng.random() < 0.25
+    hepatic = ([-0.45 * bx, -0.5 * by, zb + 0.4 * dome_r] if chilaiditi else
+               [-0.5 * bx, -0.35 * by, zb - rng.uniform(40, 110)])
+    ctrl = np.array([
+        [-0.55 * bx, 0.15 * by, zb - 280], [-0.6 * bx, 0.05 * by, zb - 150], hepatic,
+        [rng.uniform(-0.1, 0.1) * bx, -0.62 * by, zb - rng.uniform(60, 140)],
+        [0.55 * bx, rng.uniform(-0.2, 0.2) * by, zb + rng.uniform(-0.3, 0.4) * dome_l - 10],
+        [0.62 * bx, 0.1 * by, zb - 120], [0.6 * bx, 0.15 * by, zb - 280]])
+    ctrl += rng.normal(0, 6, ctrl.shape)
+    lumen = hollow(_catmull_rom(ctrl, 6), rng.uniform(12, 20), rng.uniform(1.5, 3))
+    sub_l = lumen[kb]
+    stool = rng.uniform(-80, 20) + 40 * tex
+    sub[sub_l] = stool[sub_l]
+    gas = sub_l & ((yy < rng.uniform(-0.4, 0.3) * by) | (tex > 1.2))
+    sub[gas] = AIR_HU
+
+    # stomach: fundus under the left dome plus the body/antrum running down, forward and
+    # medially; 50-300 mL of gas anteriorly (supine), fluid below an air-fluid level
+    f_axes = np.array([rng.uniform(35, 55), rng.uniform(30, 50), rng.uniform(45, 70)])
+    fundus = np.array([an.lung_cx * rng.uniform(0.6, 1.0), an.lung_cy + rng.uniform(-0.3, 0.1) * by,
+                       zb + dome_l * rng.uniform(0.3, 0.8) - 0.5 * f_axes[2]])
+    antrum = fundus + np.array([-rng.uniform(25, 50), -rng.uniform(15, 35), -rng.uniform(45, 70)])
+    a_axes = np.array([rng.uniform(30, 40), rng.uniform(22, 32), rng.uniform(35, 50)])
+    target_ml = rng.uniform(50, 300)
+    fluid_hu = rng.uniform(*FLUID_HU)
+    lumen = np.zeros(hu.shape, bool)
+    for c, axes in ((fundus, f_axes), (antrum, a_axes)):
+        res = cv.ellipsoid(c, axes + wall)
+        if res is not None:
+            box, m = res
+            hu[box][m & ok_wall[box]] = SOFT_TISSUE_HU + 5
+    for c, axes in ((fundus, f_axes), (antrum, a_axes)):
+        res = cv.ellipsoid(c, axes)
+        if res is not None:
+            box, m = res
+            lumen[box] |= m & ok_lumen[box]
+    if lumen.any():
+        ys = np.broadcast_to(yy, hu.shape)[lumen]
+        frac = min(1.0, target_ml / (ys.size * sx * sy * sz / 1000.0))
+        level = float(np.quantile(ys, frac))
+        hu[lumen] = fluid_hu
+        hu[lumen & (yy <= level)] = AIR_HU
+
+
 def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] = (64, 128, 128),
@@ -165,19 +370,44 @@ def make_phantom(
     blur_mm: float | None = None,
     nodule: bool = True,
     pathology: bool | None = None,
+    abdomen: bool | None = False,
+    effusion: bool | None = False,
+    coverage: Coverage | None = "chest",
 ) -> tuple[CTVolume, CTVolume]:
     """A chest-CT phantom (int16 HU) and its labels (uint8), on the same grid.
 
     ``shape`` is (z, y, x); ``spacing`` is (sx, sy, sz) mm. ``noise_hu``, ``blur_mm`` and
     ``pathology`` are drawn from the seed when None.
+
+    ``abdomen``: the upper abdomen under the diaphragm (liver, spleen, stomach with a gas
+    bubble and possibly an air-fluid level, gas-containing colon and small bowel, fat).
+    ``effusion``: pleural effusion(s), fluid layering posteriorly in the pleural space; it
+    replaces lung, so the lung label shrinks. ``coverage="abdomen"``: the volume holds only the
+    bottom 20-60 mm of the lungs and the upper abdomen. None draws the option from the seed
+    (abdomen with p 0.5, always with coverage "abdomen"; effusion p 0.3; coverage "abdomen"
+    p 0.3). These options use generators of their own, so with them off (the default) the
+    phantom is exactly the one of earlier versions.
     """
     rng = np.random.default_rng(seed)
+    # the options draw from separate streams, never from ``rng``
+    u_cov, u_abd, u_eff, u_top = np.random.default_rng([seed, 1]).random(4)
+    if coverage is None:
+        coverage = "abdomen" if u_cov < 0.3 else "chest"
+    if coverage not in ("chest", "abdomen"):
+        raise ValueError(f"coverage must be 'chest' or 'abdomen', not {coverage!r}")
+    if abdomen is None:
+        abdomen = coverage == "abdomen" or bool(u_abd < 0.5)
+    if effusion is None:
+        effusion = bool(u_eff < 0.3)
     nz, ny, nx = (int(v) for v in shape)
     sx, sy, sz = (float(v) for v in spacing)
     extent = np.array([nx * sx, ny * sy, nz * sz])
     origin = -(np.array([nx - 1, ny - 1, nz - 1]) * np.array([sx, sy, sz])) / 2
-    cv = _Canvas((nz, ny, nx), (sx, sy, sz), origin)
     an = _draw_anatomy(rng, float(extent[2]))
+    if coverage == "abdomen":
+        # top slice 20-60 mm above the lowest point of the lungs
+        origin[2] = an.z_base + 20.0 + 40.0 * float(u_top) - (nz - 1) * sz
+    cv = _Canvas((nz, ny, nx), (sx, sy, sz), origin)
     noise_hu = float(rng.uniform(8, 45)) if noise_hu is None else noise_hu
     blur_mm = float(rng.uniform(0.3, 1.6)) if blur_mm is None else blur_mm
     pathology = bool(rng.random() < 0.6) if pathology is None else pathology
@@ -319,6 +549,11 @@ def make_phantom(
         outside = np.broadcast_to(x ** 2 + y ** 2 > fov_r ** 2, hu.shape)
         hu[outside] = HU_FLOOR
         labels[outside] = 0
+    # optional structures, drawn last from their own generators
+    if effusion:
+        _add_effusion(np.random.default_rng([seed, 3]), hu, labels, an, xw, yw, zw)
+    if abdomen:
+        _add_abdomen(np.random.default_rng([seed, 2]), hu, cv, an, xw, yw, zw)
     # acquisition: kernel-like blur then noise
     if blur_mm > 0:
         hu = ndimage.gaussian_filter(hu, sigma=(blur_mm / sz, blur_mm / sy, blur_mm / sx))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 
 import medseg
 from medseg.cli import main
@@ -118,3 +120,95 @@ def test_dicom_round_trip_any_geometry(tmp_path_factory: pytest.TempPathFactory,
     np.testing.assert_array_equal(back.array, expected.array)
     # DS strings keep 6 decimals: positions within 1e-5 mm
     assert back.geometry.is_close(expected.geometry, atol_mm=1e-4, atol_dir=1e-5)
+
+
+# make_phantom(seed=0, shape=(48, 96, 96)) before the abdomen/effusion options existed
+_DEFAULT_SHA256 = "17833399bdce51251e6272bbe6a38950675786653605dc873ae4961734fc89b7"
+_SMALL = {"shape": (32, 64, 64), "spacing": (5.5, 5.5, 8.0)}
+
+
+def test_defaults_byte_identical() -> None:
+    image, labels = make_phantom(seed=0, shape=(48, 96, 96))
+    h = hashlib.sha256(image.array.tobytes())
+    h.update(labels.array.tobytes())
+    assert h.hexdigest() == _DEFAULT_SHA256
+    # explicit "off" options are the defaults
+    image2, labels2 = make_phantom(seed=0, shape=(48, 96, 96), abdomen=False, effusion=False,
+                                   coverage="chest")
+    np.testing.assert_array_equal(image.array, image2.array)
+    np.testing.assert_array_equal(labels.array, labels2.array)
+
+
+def test_options_deterministic() -> None:
+    kw = {"abdomen": True, "effusion": True, "coverage": "abdomen", "shape": (16, 48, 48),
+          "spacing": (7.5, 7.5, 10.0)}
+    a, la = make_phantom(seed=4, **kw)  # type: ignore[arg-type]
+    b, lb = make_phantom(seed=4, **kw)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_array_equal(la.array, lb.array)
+    c, _ = make_phantom(seed=4, abdomen=None, effusion=None, coverage=None, shape=(8, 32, 32))
+    d, _ = make_phantom(seed=4, abdomen=None, effusion=None, coverage=None, shape=(8, 32, 32))
+    np.testing.assert_array_equal(c.array, d.array)
+    with pytest.raises(ValueError, match="coverage"):
+        make_phantom(seed=4, shape=(4, 16, 16), coverage="pelvis")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_abdomen_gas_is_not_lung(seed: int) -> None:
+    plain, lab_plain = make_phantom(seed=seed, coverage="abdomen", **_SMALL)  # type: ignore[arg-type]
+    image, labels = make_phantom(seed=seed, coverage="abdomen", abdomen=True, **_SMALL)  # type: ignore[arg-type]
+    hu, lab = image.array, labels.array
+    # the abdomen never changes the labels (the same main random stream: same noise too)
+    np.testing.assert_array_equal(lab, lab_plain.array)
+    gas = (hu.astype(np.int32) - plain.array < -500) & (hu < -900)
+    assert not (lab[gas] > 0).any()
+    voxel_ml = labels.voxel_volume_ml()
+    assert gas.sum() * voxel_ml > 50
+    # the scan holds only the lung bases: lungs in the top slices, not in the bottom half
+    lung_z = np.flatnonzero((lab > 0).any(axis=(1, 2)))
+    assert lung_z.size and lung_z.min() > lab.shape[0] // 2
+    # gas lies below the lung base: under the lung in its column, and apart from it by a
+    # soft-tissue diaphragm (and the stomach/bowel wall)
+    lung = lab > 0
+    k, j, i = np.nonzero(gas)
+    under = np.array([lung[kk + 1:, jj, ii].any() for kk, jj, ii in zip(k, j, i, strict=True)])
+    assert under.sum() * voxel_ml > 20
+    sx, sy, sz = labels.geometry.spacing
+    dist = ndimage.distance_transform_edt(~lung, sampling=(sz, sy, sx))
+    assert float(dist[gas].min()) >= 5.0
+    # some of it right under the left lung (the stomach fundus)
+    left = lab == 2
+    assert any(left[kk + 1:, jj, ii].any() for kk, jj, ii in zip(k, j, i, strict=True))
+
+
+def test_abdomen_in_chest_coverage_keeps_lungs() -> None:
+    plain, lab_plain = make_phantom(seed=3, **_SMALL)  # type: ignore[arg-type]
+    image, labels = make_phantom(seed=3, abdomen=True, **_SMALL)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(labels.array, lab_plain.array)
+    changed = image.array != plain.array
+    assert changed.any()
+    # organs only under the lungs: nothing changes in the top half of the chest
+    assert not changed[image.array.shape[0] // 2:].any()
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_effusion_replaces_lung(seed: int) -> None:
+    plain, lab_plain = make_phantom(seed=seed, **_SMALL)  # type: ignore[arg-type]
+    image, labels = make_phantom(seed=seed, effusion=True, **_SMALL)  # type: ignore[arg-type]
+    hu, lab, lab0 = image.array, labels.array, lab_plain.array
+    pleural = lab0 > 0
+    assert (lab > 0).sum() < pleural.sum()
+    assert not ((lab > 0) & ~pleural).any()  # the lung only shrinks
+    fluid = pleural & (plain.array < -500) & (hu >= -10) & (hu <= 40)
+    assert fluid.sum() * labels.voxel_volume_ml() > 20
+    assert not (lab[fluid] > 0).any()
+    lost = pleural & (lab == 0)
+    assert -10 < float(np.median(hu[lost])) < 40
+    # dependent: the fluid lies posterior (larger y in LPS) to the lung it replaced
+    _, j_fluid, _ = np.nonzero(lost)
+    _, j_lung, _ = np.nonzero(pleural)
+    assert j_fluid.mean() > j_lung.mean()
+    # and low: in the bottom part of the lungs
+    k_fluid = np.nonzero(lost)[0]
+    k_lung = np.nonzero(pleural)[0]
+    assert np.median(k_fluid) < np.median(k_lung)
