@@ -13,6 +13,7 @@ from medseg.io._atomic import atomic_output
 from medseg.io.dicom import DicomScan, load_dicom, scan_dicom
 from medseg.io.itkformats import from_sitk, read_itk, to_sitk, write_itk
 from medseg.io.nifti import read_nifti, write_nifti
+from medseg.io.padding import correct_padding
 from medseg.volume import CTVolume
 
 __all__ = [
@@ -48,15 +49,21 @@ def load(path: str | Path, *, series: str | None = None) -> CTVolume:
     """Load a volume from a DICOM folder/file/DICOMDIR, NIfTI, NRRD or MHA.
 
     ``series`` (a SeriesInstanceUID) picks one DICOM series; it is an error for other formats.
+
+    Every format ends here: scanner padding outside the reconstruction circle (values at or
+    below -1500 HU connected to the slice border) becomes -1024 HU, air, and is recorded in
+    ``metadata.corrections`` (:mod:`medseg.io.padding`; DICOM also honours PixelPaddingValue).
     """
     fmt = detect_format(path)
     if series is not None and fmt != "dicom":
         raise ConfigError(f"--series applies to DICOM input, not {fmt.upper()}", path=path)
     if fmt == "dicom":
-        return load_dicom(path, series_uid=series)
-    if fmt == "nifti":
-        return read_nifti(path)
-    return read_itk(path, fmt)
+        volume = load_dicom(path, series_uid=series)
+    elif fmt == "nifti":
+        volume = read_nifti(path)
+    else:
+        volume = read_itk(path, fmt)
+    return correct_padding(volume)
 
 
 def save(volume: CTVolume, path: str | Path) -> Path:

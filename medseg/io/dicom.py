@@ -50,6 +50,15 @@ from medseg.errors import (
     SeriesSelectionError,
     UnreadableFileError,
 )
+from medseg.io.padding import (
+    PaddingReport,
+    applies_to_modality,
+    describe_out_of_field,
+    describe_tagged,
+    padding_stored_range,
+    replace_out_of_field,
+    replace_tagged_padding,
+)
 from medseg.volume import CTVolume, Geometry, VolumeMetadata
 
 __all__ = [
@@ -121,6 +130,8 @@ class FrameRecord:
     bits_stored: int
     pixel_representation: int
     transfer_syntax: str
+    #: PixelPaddingValue [.. PixelPaddingRangeLimit] as an inclusive range of stored values.
+    padding_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -325,7 +336,7 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
         ds, "file_meta") else "1.2.840.10008.1.2"
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits_alloc = int(ds.get("BitsAllocated", 16))
-    common = dict(
+    common: dict[str, Any] = dict(
         path=str(path),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         instance_number=_int(ds, "InstanceNumber"),
@@ -337,6 +348,10 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
         pixel_representation=int(ds.get("PixelRepresentation", 0)),
         transfer_syntax=ts,
     )
+    common["padding_range"] = padding_stored_range(
+        ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit"),
+        pixel_representation=int(ds.get("PixelRepresentation", 0)),
+        bits_allocated=bits_alloc, bits_stored=int(ds.get("BitsStored", bits_alloc)))
     offset = _pixel_offset(ds, ts)
     n_frames = _int(ds, "NumberOfFrames") or 1
     if "PerFrameFunctionalGroupsSequence" in ds:
@@ -364,7 +379,7 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
                 slice_thickness=_float(_functional(fg, shared, "PixelMeasuresSequence",
                                                    "SliceThickness")),
                 pixel_offset=None if offset is None else offset + i * frame_bytes,
-                **common,  # type: ignore[arg-type]
+                **common,
             ))
         return out
     frames_pos = _floats(ds.get("ImagePositionPatient"), 3)
@@ -838,6 +853,7 @@ def load_series(s: SeriesInfo) -> CTVolume:
     plan = s.plan
     frames = [s.frames[i] for i in plan.order]
     hu = _to_hu(_read_frames(frames), frames)
+    padding_corrections = _padding_to_air(hu, frames, s.modality)
     positions = np.array([f.position for f in frames], float)
     if plan.regular:
         gap = float((plan.distances[-1] - plan.distances[0]) / (len(frames) - 1))
@@ -872,9 +888,39 @@ def load_series(s: SeriesInfo) -> CTVolume:
         source_format="dicom",
         source_path=os.path.commonpath(s.files),
         source_files=tuple(f.path for f in frames),
-        corrections=list(plan.corrections),
+        corrections=[*padding_corrections, *plan.corrections],
     )
     return CTVolume(array, geometry, meta)
+
+
+def _padding_to_air(hu: npt.NDArray[Any], frames: Sequence[FrameRecord],
+                    modality: str | None) -> list[str]:
+    """Set scanner padding (PixelPaddingValue/RangeLimit) and out-of-field pixels of the
+    slice stack ``hu`` to air, in place, before any resampling (see :mod:`medseg.io.padding`);
+    return the corrections to record. CT (or unknown modality) only."""
+    if not applies_to_modality(modality):
+        return []
+    out: list[str] = []
+    stored = {f.padding_range for f in frames if f.padding_range is not None}
+    if stored:
+        ranges: list[tuple[float, float] | None] = []
+        for f in frames:
+            if f.padding_range is None:
+                ranges.append(None)
+                continue
+            a, b = (f.padding_range[0] * f.slope + f.intercept,
+                    f.padding_range[1] * f.slope + f.intercept)
+            tol = 0.25 * abs(f.slope)  # float32 rounding; stored steps are |slope| apart
+            ranges.append((min(a, b) - tol, max(a, b) + tol))
+        report = replace_tagged_padding(hu, ranges)
+        if report.n_voxels:
+            rng = min(stored) if len(stored) == 1 else (min(r[0] for r in stored),
+                                                       max(r[1] for r in stored))
+            out.append(describe_tagged(report, rng))
+    oof: PaddingReport = replace_out_of_field(hu, axis=0)
+    if oof.n_voxels:
+        out.append(describe_out_of_field(oof))
+    return out
 
 
 def load_dicom(path: str | Path, *, series_uid: str | None = None) -> CTVolume:

@@ -9,6 +9,11 @@ it catches a peer's error too.
 For a volume on the acquired grid the positions fall on voxel centres (``max_offset_vox``
 ~ 0) and the values are equal. For a resampled volume (gantry tilt, variable spacing) they
 differ by interpolation only: compare ``median_abs_diff`` with the image contrast.
+
+The expected value of a CT pixel that is scanner padding (the PixelPaddingValue range of its
+own header, or out-of-field: at or below -1500 HU and connected to the slice border) is air,
+-1024 HU, as the loaders define it (:mod:`medseg.io.padding`), applied here to each stored
+frame on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 from scipy.ndimage import map_coordinates
 
+from medseg.io.padding import (
+    AIR_HU,
+    applies_to_modality,
+    padding_stored_range,
+    replace_out_of_field,
+)
 from medseg.volume import CTVolume
 
 __all__ = ["PixelCheck", "check_against_dicom"]
@@ -75,6 +86,24 @@ def _frame_geometry(ds: pydicom.Dataset) -> Iterable[tuple[int | None, Any, Any,
         yield None, ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds
 
 
+def _padding_as_air(hu: npt.NDArray[np.float64], raw: npt.NDArray[Any],
+                    ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
+    """The frame's expected values: padding (tag range on the stored values, below air) and
+    out-of-field pixels set to air, for CT."""
+    if not applies_to_modality(str(ds.get("Modality", "")) or None):
+        return hu
+    bits = int(ds.get("BitsAllocated", 16))
+    rng = padding_stored_range(
+        ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit"),
+        pixel_representation=int(ds.get("PixelRepresentation", 0)), bits_allocated=bits,
+        bits_stored=int(ds.get("BitsStored", bits)))
+    if rng is not None:
+        stored = np.asarray(raw).astype(np.int64)
+        hu[(stored >= rng[0]) & (stored <= rng[1]) & (hu < AIR_HU)] = AIR_HU
+    replace_out_of_field(hu[None], axis=0)
+    return hu
+
+
 def check_against_dicom(volume: CTVolume, files: Iterable[str | Path] | None = None, *,
                         stride: int = 1) -> PixelCheck:
     """Compare ``volume`` with the stored pixels of ``files`` (default: the volume's own
@@ -95,8 +124,10 @@ def check_against_dicom(volume: CTVolume, files: Iterable[str | Path] | None = N
             pixels = np.asarray(ds.pixel_array)
         for frame, ipp, iop, ps, rescale_ds in _frame_geometry(ds):
             img = pixels[frame] if frame is not None and pixels.ndim == 3 else pixels
+            raw = img
             img = apply_modality_lut(img, rescale_ds) if "RescaleSlope" in rescale_ds \
                 else img.astype(float)
+            img = _padding_as_air(np.array(img, float), raw, ds)
             rows = np.arange(0, img.shape[0], stride)
             cols = np.arange(0, img.shape[1], stride)
             r, c = np.meshgrid(rows, cols, indexing="ij")
