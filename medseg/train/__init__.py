@@ -42,6 +42,23 @@ class DataConfig:
     shared_data: str | None = "../shared/data"
     cip_val_fraction: float = 0.5
     cip_weight: float = 0.25
+    #: Fractions of the training phantoms drawn with an upper abdomen (stomach and bowel
+    #: gas under the diaphragm, only the lung bases in view) and with a pleural effusion.
+    phantom_abdomen_fraction: float = 0.0
+    phantom_effusion_fraction: float = 0.0
+    #: Real, unlabelled CT (names in medseg.train.realct.REAL_SOURCES) with derived labels:
+    #: trained on, and kept for validation only (never trained on).
+    real_train: list[str] = field(default_factory=list)
+    real_val: list[str] = field(default_factory=list)
+    #: The model whose masks (with the threshold baseline's) give the real CT's labels.
+    pseudo_label_model: str = "lung2d-v1"
+    #: Copies of each real training study with pathology inserted (medseg.train.lesions),
+    #: and lesions per copy; an effusion is added to a copy with this probability.
+    lesion_variants: int = 0
+    lesions_per_variant: int = 3
+    effusion_probability: float = 0.35
+    #: Share of training draws that come from the real studies (with their variants).
+    real_weight: float = 0.4
 
 
 @dataclass
@@ -62,6 +79,11 @@ class TrainingConfig:
     crop_size: int = 192
     learning_rate: float = 2e-3
     patience: int = 8
+    #: Start from these shipped weights (a model name) instead of random ones.
+    init_weights: str | None = None
+    #: Probability that a training crop's field of view is cut (one side of the body, a
+    #: rectangle or the scanner's circle; outside is air as in a padded reconstruction).
+    fov_crop_probability: float = 0.0
 
 
 @dataclass
@@ -142,23 +164,38 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
 class Sample:
     name: str
     image: npt.NDArray[np.float32]  # (K, I, J)
-    label: npt.NDArray[np.uint8]
+    label: npt.NDArray[np.uint8]     # 0, 1, 2 and IGNORE (255): no loss there
     weight: float = 1.0
+    #: Slices worth drawing more often (inserted lesions); drawn in half of this sample's
+    #: draws when given.
+    focus: npt.NDArray[np.int64] | None = None
+    #: Voxel masks of inserted lesions (lung) and effusions (not lung), for validation.
+    lesion: npt.NDArray[np.bool_] | None = None
+    effusion: npt.NDArray[np.bool_] | None = None
 
 
-def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec) -> list[Sample]:
+def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec,
+                     abdomen_fraction: float = 0.0, effusion_fraction: float = 0.0
+                     ) -> list[Sample]:
     from medseg.synth import make_phantom
 
     rng = np.random.default_rng(seeds[0] if seeds else 0)
+    # a separate stream for the new options, so phantoms drawn without them are unchanged
+    opt_rng = np.random.default_rng([seeds[0] if seeds else 0, 7])
     out = []
     for s in seeds:
+        extra: dict[str, Any] = {}
+        if abdomen_fraction and opt_rng.random() < abdomen_fraction:
+            extra.update(abdomen=True, coverage="abdomen")
+        if effusion_fraction and opt_rng.random() < effusion_fraction:
+            extra["effusion"] = True
         # vary the field of view and resolution like real scanners; the slice count follows
         # a 180-320 mm coverage, capped at shape[0] (then only part of the chest is seen)
         inplane = float(rng.uniform(0.6, 1.0)) * 512 / max(shape[1], shape[2])
         sz = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
         nz = int(min(shape[0], max(16, round(float(rng.uniform(180, 320)) / sz))))
         image, labels = make_phantom(seed=s, shape=(nz, shape[1], shape[2]),
-                                     spacing=(inplane, inplane, sz))
+                                     spacing=(inplane, inplane, sz), **extra)
         img, lab = prepare_slices(image, labels, spec)
         assert lab is not None
         out.append(Sample(f"phantom_{s}", img, lab))
@@ -203,6 +240,88 @@ def _cip_samples(root: Path, spec: ModelSpec, val_fraction: float
             Sample("cip-ct64-val", img[:cut], lab_r[:cut]))
 
 
+def _slice_spacing(volume: CTVolume) -> float:
+    """Spacing (mm) between axial slices: the index axis closest to world z."""
+    return float(volume.spacing[int(np.argmax(np.abs(volume.direction[2, :])))])
+
+
+def _to_hu(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    from medseg.preprocess import HU_MAX, HU_MIN
+
+    return np.asarray(x * np.float32(HU_MAX - HU_MIN) + np.float32(HU_MIN), np.float32)
+
+
+def _from_hu(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    from medseg.preprocess import HU_MAX, HU_MIN
+
+    return np.clip((hu - np.float32(HU_MIN)) / np.float32(HU_MAX - HU_MIN), 0, 1
+                   ).astype(np.float32)
+
+
+def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.random.Generator,
+                   n_lesions: int, effusion_probability: float, name: str) -> Sample:
+    """A copy of a prepared real study with pathology inserted (labels known by
+    construction: lesions stay lung, an effusion leaves it; :mod:`.lesions`)."""
+    from medseg.train.lesions import insert_random_pathology
+    from medseg.train.realct import IGNORE
+
+    # prepared stacks are (S, L, P); the lesion code works in (S, P, L)
+    hu = np.ascontiguousarray(_to_hu(base.image).transpose(0, 2, 1))
+    lab = np.ascontiguousarray(base.label.transpose(0, 2, 1))
+    lung_lab = np.where(lab == IGNORE, 0, lab).astype(np.uint8)
+    spacing = (slice_mm, spec.pixel_spacing_mm, spec.pixel_spacing_mm)
+    found = insert_random_pathology(hu, lung_lab, spacing, rng, n_lesions=n_lesions,
+                                    effusion_probability=effusion_probability)
+    lesion = np.zeros(hu.shape, bool)
+    effusion = np.zeros(hu.shape, bool)
+    for f in found:
+        if f.kind == "effusion":
+            effusion |= f.mask
+        else:
+            lesion |= f.mask
+    # lesion voxels are lung by construction: never ignored; effusion voxels are not lung
+    lab = np.where(lesion, lung_lab, lab)
+    lab[effusion] = 0
+    focus = np.flatnonzero((lesion | effusion).any(axis=(1, 2)))
+    return Sample(name, np.ascontiguousarray(_from_hu(hu).transpose(0, 2, 1)),
+                  np.ascontiguousarray(lab.transpose(0, 2, 1)), base.weight, focus,
+                  np.ascontiguousarray(lesion.transpose(0, 2, 1)),
+                  np.ascontiguousarray(effusion.transpose(0, 2, 1)))
+
+
+def _real_samples(names: list[str], root: Path, cache: Path, spec: ModelSpec, d: DataConfig,
+                  seed: int, variants: int, out_dir: Path | None,
+                  log: Callable[[str], None]) -> list[Sample]:
+    """Prepared real studies with derived labels, and their lesion variants."""
+    from medseg.train.realct import derive_lung_labels, load_real_ct
+
+    out: list[Sample] = []
+    for n, name in enumerate(names):
+        vol = load_real_ct(root, name, cache)
+        lab, stats = derive_lung_labels(vol, d.pseudo_label_model)
+        log(f"{name}: derived labels {stats}")
+        if out_dir is not None:
+            _label_overlay(vol, lab, out_dir / f"labels-{name}.png")
+        img, plab = prepare_slices(vol, vol.with_array(lab), spec)
+        assert plab is not None
+        base = Sample(f"real-{name}", img, plab)
+        out.append(base)
+        rng = np.random.default_rng([seed, 1000 + n])
+        for v in range(variants):
+            out.append(lesion_variant(base, _slice_spacing(vol), spec, rng,
+                                      d.lesions_per_variant, d.effusion_probability,
+                                      f"real-{name}-lesions{v}"))
+    return out
+
+
+def _label_overlay(vol: CTVolume, lab: npt.NDArray[np.uint8], path: Path) -> None:
+    """Coronal montage of derived labels (ignored voxels shown as background) to inspect."""
+    from medseg.visualize import overlay_montage
+
+    shown = np.where(lab == 255, 0, lab).astype(np.uint8)
+    path.write_bytes(overlay_montage(vol, vol.with_array(shown), view="coronal"))
+
+
 def _context(stack: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:
     idx = np.clip(np.arange(k - c, k + c + 1), 0, stack.shape[0] - 1)
     return stack[idx]
@@ -242,10 +361,12 @@ class SliceSampler:
         self.rng = np.random.default_rng(seed)
         w = np.array([s.weight for s in samples], float)
         self.p = w / w.sum()
-        self.lung_slices = [np.flatnonzero(s.label.reshape(s.label.shape[0], -1).any(axis=1))
-                            for s in samples]
+        self.lung_slices = [np.flatnonzero(
+            np.isin(s.label.reshape(s.label.shape[0], -1), (1, 2)).any(axis=1))
+            for s in samples]
         self.aug = _augment()
         self.aug.set_random_state(seed=seed)
+        self.fov_crop_probability = 0.0
 
     def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]
               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
@@ -266,16 +387,41 @@ class SliceSampler:
             i = int(self.rng.choice(len(self.samples), p=self.p))
             s = self.samples[i]
             lung = self.lung_slices[i]
-            if lung.size and self.rng.random() < 0.85:
+            if s.focus is not None and s.focus.size and self.rng.random() < 0.5:
+                k = int(self.rng.choice(s.focus))
+            elif lung.size and self.rng.random() < 0.85:
                 k = int(self.rng.choice(lung))
             else:
                 k = int(self.rng.integers(0, s.image.shape[0]))
             img, lab = self._crop(_context(s.image, k, self.context), s.label[k])
             d = self.aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
                           "label": torch.from_numpy(lab[None].astype(np.float32))})
-            xs.append(torch.as_tensor(d["image"]).float())
-            ys.append(torch.as_tensor(d["label"]).round().long())
+            x = torch.as_tensor(d["image"]).float()
+            y = torch.as_tensor(d["label"]).round().long()
+            if self.rng.random() < self.fov_crop_probability:
+                keep = torch.from_numpy(self._fov(x.shape[-2:]))
+                x = x * keep
+                y = y * keep
+            xs.append(x)
+            ys.append(y)
         return torch.stack(xs), torch.stack(ys)
+
+    def _fov(self, shape: Any) -> npt.NDArray[np.bool_]:
+        """A cut field of view: one side of the body (a hemithorax), a rectangle, or a
+        circle; what lies outside is air in a padded reconstruction (0 after scaling)."""
+        h, w = int(shape[0]), int(shape[1])
+        yy, xx = np.mgrid[0:h, 0:w]
+        kind = self.rng.random()
+        if kind < 0.45:  # one hemithorax: a cut across the left-right axis (axis 0 here)
+            cut = int(self.rng.uniform(0.35, 0.65) * h)
+            return np.asarray(yy < cut if self.rng.random() < 0.5 else yy >= cut)
+        if kind < 0.75:
+            y0, x0 = (int(self.rng.uniform(0, 0.3) * n) for n in (h, w))
+            y1, x1 = (int(self.rng.uniform(0.7, 1.0) * n) for n in (h, w))
+            return np.asarray((yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1))
+        r = self.rng.uniform(0.3, 0.5) * min(h, w)
+        cy, cx = (self.rng.uniform(0.4, 0.6) * n for n in (h, w))
+        return np.asarray((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
 
 
 # -- evaluation on prepared volumes -----------------------------------------------------------
@@ -296,11 +442,49 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
 
 
 def dice_per_lung(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[str, float]:
+    """Dice per lung; reference voxels labelled IGNORE (255) are left out."""
     out = {}
+    valid = ref != 255
     for name, lab in (("right", 1), ("left", 2)):
-        p, r = pred == lab, ref == lab
+        p, r = (pred == lab) & valid, ref == lab
         denom = int(p.sum() + r.sum())
         out[name] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return out
+
+
+class MaskedDiceCE(torch.nn.Module):
+    """Dice + cross-entropy (as MONAI's DiceCELoss with softmax, one-hot targets, background
+    included) that leaves out voxels labelled ``ignore``: derived labels of real CT are
+    uncertain there. Dice is computed over the whole batch per class."""
+
+    def __init__(self, ignore: int = 255, smooth: float = 1e-5) -> None:
+        super().__init__()
+        self.ignore = ignore
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        y = target[:, 0]
+        valid = (y != self.ignore)
+        ce = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, -100),
+                                               ignore_index=-100) if valid.any() \
+            else logits.sum() * 0
+        prob = torch.softmax(logits, dim=1) * valid[:, None]
+        onehot = torch.nn.functional.one_hot(torch.where(valid, y, 0), logits.shape[1])
+        onehot = onehot.permute(0, 3, 1, 2).to(prob.dtype) * valid[:, None]
+        dims = (0, 2, 3)
+        inter = (prob * onehot).sum(dims)
+        denom = prob.sum(dims) + onehot.sum(dims)
+        dice = 1.0 - (2 * inter + self.smooth) / (denom + self.smooth)
+        return ce + dice.mean()
+
+
+def lesion_scores(pred: npt.NDArray[Any], s: Sample) -> dict[str, float]:
+    """Share of inserted lesion voxels inside the lung mask, of effusion voxels inside it."""
+    out = {}
+    if s.lesion is not None and s.lesion.any():
+        out["lesion_inside"] = float((pred[s.lesion] > 0).mean())
+    if s.effusion is not None and s.effusion.any():
+        out["effusion_inside"] = float((pred[s.effusion] > 0).mean())
     return out
 
 
@@ -330,7 +514,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
           shared_data: str | Path | None = None) -> dict[str, Any]:
     """Run training as configured; returns the model card written beside the weights."""
-    from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
     t_start = time.monotonic()
@@ -345,9 +528,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     seeds = [cfg.seed + i for i in range(d.phantoms)]
     val_seeds = [cfg.seed + 100_000 + i for i in range(d.phantom_val)]
     log(f"preparing {len(seeds)} training and {len(val_seeds)} validation phantoms")
-    train_samples = _phantom_samples(seeds, d.phantom_shape, spec)
-    val_samples = _phantom_samples(val_seeds, d.phantom_shape, spec)
-    data_note = [f"{len(seeds)} phantoms (medseg.synth, seeds {seeds[0]}..{seeds[-1]})"]
+    train_samples = _phantom_samples(seeds, d.phantom_shape, spec, d.phantom_abdomen_fraction,
+                                     d.phantom_effusion_fraction)
+    val_samples = _phantom_samples(val_seeds, d.phantom_shape, spec, d.phantom_abdomen_fraction,
+                                   d.phantom_effusion_fraction)
+    data_note = [f"{len(seeds)} phantoms (medseg.synth, seeds {seeds[0]}..{seeds[-1]}; "
+                 f"upper abdomen in {d.phantom_abdomen_fraction:.0%}, effusion in "
+                 f"{d.phantom_effusion_fraction:.0%} of draws)"]
     root = Path(shared_data or os.environ.get("MEDSEG_SHARED_DATA") or (d.shared_data or ""))
     cip = _cip_samples(root, spec, d.cip_val_fraction) if d.shared_data or shared_data else None
     if cip is not None:
@@ -362,12 +549,34 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
             "validation slices")
     else:
         log("cip-ct64 not found: training on phantoms only")
+    if (d.real_train or d.real_val) and (d.shared_data or shared_data):
+        cache = out_dir / "real-ct-cache"
+        real = _real_samples(d.real_train, root, cache, spec, d, cfg.seed, d.lesion_variants,
+                             out_dir, log)
+        n_before = sum(s.weight for s in train_samples)
+        share = d.real_weight / (1 - d.real_weight) if d.real_weight < 1 else 1.0
+        for s in real:
+            s.weight = share * n_before / max(1, len(real))
+        train_samples += real
+        data_note.append(f"real CT with derived labels: {', '.join(d.real_train)} "
+                         f"({d.lesion_variants} copies each with inserted pathology), "
+                         f"{d.real_weight:.0%} of draws")
+        # validation: one copy of each held-out study with pathology inserted
+        held = _real_samples(d.real_val, root, cache, spec, d, cfg.seed + 1, 1, out_dir, log)
+        val_samples += [s for s in held if s.lesion is not None]
+        data_note.append(f"validation only (never trained on): {', '.join(d.real_val)}")
     t = cfg.training
     sampler = SliceSampler(train_samples, spec.context_slices, t.crop_size, cfg.seed)
+    sampler.fov_crop_probability = t.fov_crop_probability
     net = build_network(spec)
+    if t.init_weights:
+        from medseg.models import load_model
+
+        net.load_state_dict(load_model(t.init_weights).network.state_dict())
+        data_note.append(f"initialised from {t.init_weights}")
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = MaskedDiceCE()
     divisor = 2 ** len(spec.strides)
     rows: list[dict[str, Any]] = []
     best, best_epoch, best_state = -1.0, 0, None
@@ -395,6 +604,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
             if s.name.startswith("cip"):
                 row["val_dice_cip_right"] = round(dd["right"], 4)
                 row["val_dice_cip_left"] = round(dd["left"], 4)
+            elif s.name.startswith("real"):
+                short = s.name.removeprefix("real-").split("-lesions")[0]
+                ls = lesion_scores(pred, s)
+                row[f"val_dice_{short}"] = round((dd["right"] + dd["left"]) / 2, 4)
+                for k, v in ls.items():
+                    row[f"val_{k}_{short}"] = round(v, 4)
+                # lesions inside and effusion outside count as much as the Dice
+                dices += [ls.get("lesion_inside", 1.0), 1.0 - ls.get("effusion_inside", 0.0)]
             else:
                 ph_scores.append(dd)
             dices += [dd["right"], dd["left"]]
