@@ -214,19 +214,47 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
     from medseg.train.validate import validate_on_cip
 
     shared = args.shared_data or _default_shared_data()
+    rob = None
+    if args.suite in ("robustness", "all"):
+        from medseg.train.robustness import run_robustness
+
+        rob = run_robustness(shared, model=args.model, out_dir=args.output_dir,
+                             log=None if args.json else
+                             (lambda m: print(f"  {m}", file=sys.stderr)))
+    if args.suite == "robustness":
+        assert rob is not None
+        _print_robustness(rob, args.json)
+        return EXIT_OK
     res = validate_on_cip(shared, method=args.method, model=args.model,
                           val_fraction=args.val_fraction)
     if args.json:
         from medseg.evaluate import to_jsonable
 
-        print(json.dumps(to_jsonable(res), indent=2))
+        out = to_jsonable(res) if rob is None else {"cip": to_jsonable(res), "robustness": rob}
+        print(json.dumps(out, indent=2))
         return EXIT_OK
     name = res["model"]["name"] if res["model"] else res["method"]
     print(f"{name} on {res['data']}, held-out slices {res['validation_slices'][0]}-"
           f"{res['validation_slices'][1]} (z {res['validation_z_mm'][0]} to "
           f"{res['validation_z_mm'][1]} mm)")
     _print_metric_table(res["metrics"])
+    if rob is not None:
+        print()
+        _print_robustness(rob, False)
     return EXIT_OK
+
+
+def _print_robustness(rob: dict[str, Any], as_json: bool) -> None:
+    from medseg.train.robustness import RobustnessRow, rows_markdown
+
+    if as_json:
+        print(json.dumps(rob, indent=2))
+        return
+    print(f"robustness of {rob['model']}: {rob['passed']} passed, {rob['failed']} failed "
+          f"({rob['timings_s']['total']} s)\n")
+    print(rows_markdown([RobustnessRow(**r) for r in rob["rows"]]))
+    for k, v in rob["notes"].items():
+        print(f"- {k}: {v}")
 
 
 def _default_shared_data() -> Path:
@@ -395,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.5,
                    help="held-out inferior fraction of the lung slices (default 0.5, as "
                    "trained)")
+    p.add_argument("--suite", choices=["cip", "robustness", "all"], default="cip",
+                   help="cip: the held-out cip-ct64 scores (default); robustness: the real-CT "
+                   "robustness suite (docs/concepts/robustness.md; a few minutes); all: both")
+    p.add_argument("-o", "--output-dir", type=Path, default=None,
+                   help="robustness: write robustness.json, robustness.md and overlay PNGs "
+                   "here")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_validate_model)
 
