@@ -122,7 +122,8 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         raw = unet_labels(volume, loaded, settings, progress=progress)
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
-        labels = postprocess_labels(raw, volume.axial_axis())
+        labels = postprocess_labels(raw, volume.axial_axis(), hu=volume.array,
+                                    geometry=volume.geometry)
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
                       "architecture": loaded.spec.to_dict()}
@@ -135,9 +136,12 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
     if vols["right"] == 0 and vols["left"] == 0:
         result.warnings.append("no lung found: the mask is empty (is this a chest CT?)")
     else:
-        for side in ("right", "left"):
+        for side, other in (("right", "left"), ("left", "right")):
             if vols[side] == 0:
-                result.warnings.append(f"no {side} lung found")
+                result.warnings.append(
+                    f"only the {other} lung found: no {side} lung in the result (a field "
+                    f"of view holding one side, a pneumonectomy or a collapsed {side} "
+                    f"lung?)")
         median = float(np.median(volume.array[result.labels.array > 0]))
         if median < AIR_MEDIAN_HU:
             result.warnings.append(
