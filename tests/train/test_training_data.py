@@ -1,0 +1,160 @@
+"""Training data like the clinic: inserted pathology with labels known by construction,
+the masked loss, cut fields of view, and labels derived for real CT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medseg.models import ModelSpec
+from medseg.synth import make_phantom
+from medseg.train import MaskedDiceCE, Sample, SliceSampler, lesion_variant, load_train_config
+from medseg.train.lesions import (
+    LUNG_KINDS,
+    from_canonical,
+    insert_effusion,
+    insert_lesion,
+    to_canonical,
+)
+from medseg.train.realct import IGNORE, derive_lung_labels
+from medseg.volume import CTVolume, Geometry
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def chest() -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    image, labels = make_phantom(seed=4, shape=(40, 96, 96), spacing=(3.5, 3.5, 6.0))
+    hu, sp = to_canonical(image, image.array.astype(np.float32))
+    lab, _ = to_canonical(labels)
+    return hu, lab, sp
+
+
+@pytest.mark.parametrize("kind", LUNG_KINDS)
+def test_lesion_replaces_lung_only_and_labels_stay(chest, kind: str) -> None:
+    hu0, lab0, sp = chest
+    hu, lab = hu0.copy(), lab0.copy()
+    les = insert_lesion(hu, lab, sp, np.random.default_rng(1), kind, diameter_mm=40.0)
+    assert les is not None and les.voxels > 5
+    assert np.array_equal(lab, lab0)                       # a lesion is lung
+    assert np.all(lab0[les.mask] == les.side)              # only lung voxels replaced
+    changed = np.abs(hu - hu0) > 1
+    # the change stays on the lesion and its one-voxel partial-volume rim
+    from scipy import ndimage
+    assert not (changed & ~ndimage.binary_dilation(les.mask)).any()
+    if kind in ("consolidation", "mass", "collapse"):
+        assert np.median(hu[les.mask]) > -200              # dense, soft tissue
+    if kind == "ground_glass":
+        assert np.median(hu[les.mask]) > np.median(hu0[les.mask]) + 150
+
+
+def test_effusion_is_posterior_fluid_taken_out_of_the_lung(chest) -> None:
+    hu0, lab0, sp = chest
+    hu, lab = hu0.copy(), lab0.copy()
+    eff = insert_effusion(hu, lab, sp, np.random.default_rng(2), side=1, depth_mm=25.0)
+    assert eff is not None and eff.voxels > 50
+    assert np.all(lab[eff.mask] == 0) and np.all(lab0[eff.mask] == 1)
+    assert -10 < float(np.median(hu[eff.mask])) < 40
+    ys_eff = np.argwhere(eff.mask)[:, 1].mean()
+    ys_lung = np.argwhere(lab0 == 1)[:, 1].mean()
+    assert ys_eff > ys_lung                                # dependent: posterior (+y in LPS)
+    zs_eff = np.argwhere(eff.mask)[:, 0].mean()
+    assert zs_eff < np.argwhere(lab0 == 1)[:, 0].mean()   # at the base
+
+
+def test_canonical_frame_round_trip_for_any_storage_order() -> None:
+    arr = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    flip = np.diag([-1.0, 1.0, -1.0])
+    perm = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    for direction in (np.eye(3), flip, perm):
+        vol = CTVolume(arr, Geometry((0, 0, 0), (1.0, 2.0, 3.0), direction))
+        can, sp = to_canonical(vol)
+        assert np.array_equal(from_canonical(vol, can), arr)
+        # canonical index (z, y, x) of a voxel = its world position over the spacing
+        k, j, i = 3, 1, 4
+        world = vol.geometry.index_to_world(np.array([[i, j, k]], float))[0]
+        idx = np.argwhere(can == arr[k, j, i])[0]
+        lo = vol.geometry.index_to_world(np.array(
+            [[0, 0, 0], [5, 4, 3]], float)).min(axis=0)  # world minimum corner
+        expect = np.rint((world - lo)[::-1] / np.asarray(sp)).astype(int)
+        assert np.array_equal(idx, expect)
+
+
+def test_masked_loss_ignores_ignore_voxels() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 1, 8, 8))
+    loss = MaskedDiceCE()
+    base = loss(logits, target)
+    t2 = target.clone()
+    t2[:, :, :4] = IGNORE
+    changed_logits = logits.clone()
+    changed_logits[:, :, :4] = torch.randn(2, 3, 4, 8) * 10  # anything where ignored
+    a, b = loss(logits, t2), loss(changed_logits, t2)
+    assert torch.isclose(a, b)
+    assert not torch.isclose(a, base)
+    perfect = torch.nn.functional.one_hot(target[:, 0], 3).permute(0, 3, 1, 2).float() * 50
+    assert float(loss(perfect, target)) < 0.01
+
+
+def test_sampler_cuts_the_field_of_view_to_air_with_labels() -> None:
+    img = np.full((5, 64, 64), 0.5, np.float32)
+    lab = np.ones((5, 64, 64), np.uint8)
+    s = SliceSampler([Sample("x", img, lab)], context=1, crop=48, seed=0)
+    s.aug = lambda d: d  # no intensity/affine augmentation: only the cut is seen
+    s.fov_crop_probability = 1.0
+    x, y = s.batch(16)
+    for b in range(16):
+        outside = x[b, 1] == 0
+        assert outside.any()                                # something was cut
+        assert torch.equal(outside, y[b, 0] == 0)            # labels cut with the image
+
+
+def test_lesion_variant_keeps_lesions_lung_and_ignore_elsewhere() -> None:
+    spec = ModelSpec(name="t", pixel_spacing_mm=4.0, roi_size=64)
+    image, labels = make_phantom(seed=5, shape=(30, 80, 80), spacing=(4.0, 4.0, 6.0))
+    from medseg.train import prepare_slices
+    img, lab = prepare_slices(image, labels, spec)
+    assert lab is not None
+    lab = lab.copy()
+    lab[:, :3] = IGNORE
+    base = Sample("real-x", img, lab)
+    v = lesion_variant(base, 6.0, spec, np.random.default_rng(0), 3, 1.0, "real-x-lesions0")
+    assert v.lesion is not None and v.lesion.any()
+    assert np.all(np.isin(v.label[v.lesion], (1, 2)))
+    assert v.effusion is not None and np.all(v.label[v.effusion] == 0)
+    assert v.focus is not None and v.focus.size
+    untouched = ~(v.lesion | v.effusion)
+    assert np.array_equal(v.label[untouched], lab[untouched])
+
+
+def test_derived_labels_never_teach_a_dense_lesion_as_background() -> None:
+    """A mass against the pleura that the pseudo-labelling model may leave out is either
+    lung or ignored in the derived labels, never background; the rest is the model's."""
+    image, truth = make_phantom(seed=6, shape=(40, 128, 128), spacing=(2.8, 2.8, 5.0),
+                                pathology=False)
+    hu, sp = to_canonical(image, image.array.astype(np.float32))
+    lab, _ = to_canonical(truth)
+    les = insert_lesion(hu, lab, sp, np.random.default_rng(3), "mass", anchor="pleura",
+                        diameter_mm=45.0)
+    assert les is not None
+    vol = image.with_array(np.rint(from_canonical(image, hu)).astype(np.int16))
+    mass = from_canonical(image, les.mask)
+    derived, stats = derive_lung_labels(vol, "lung2d-v1")
+    assert set(np.unique(derived)) <= {0, 1, 2, IGNORE}
+    assert not (derived[mass] == 0).any()
+    sure = derived != IGNORE
+    agree = (derived[sure] > 0) == (truth.array[sure] > 0)
+    assert agree.mean() > 0.99
+    assert stats["ignored_fraction_of_lung"] < 0.3
+
+
+def test_v2_pipeline_config_is_valid() -> None:
+    cfg = load_train_config(REPO / "pipelines" / "train_lung2d_v2.yaml")
+    assert cfg.data.real_val and not set(cfg.data.real_val) & set(cfg.data.real_train)
+    assert cfg.training.init_weights == "lung2d-v1"
+    yaml.safe_load((REPO / "pipelines" / "train_lung2d_v2.yaml").read_text())
