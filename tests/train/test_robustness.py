@@ -176,10 +176,49 @@ def test_rows_markdown() -> None:
     assert "| a | m | 0.9877 | >= 0.97 | pass |" in md and "| b | n | x/y | refused | FAIL |" in md
 
 
-#: What the shipped model meets (measured with lung2d-v1 on this suite; see the report in
-#: docs/concepts/robustness.md). Keys are (case, measure prefix); True = the row must pass.
-#: A better model (lung2d-v2) may tighten this: set more of them to True.
-SHIPPED_MEETS: dict[tuple[str, str], bool] = {}
+#: What the shipped model meets: every targeted row of the suite, measured with lung2d-v1
+#: (values in the comments). Keys are (case, measure prefix); True = the row must pass, False =
+#: it is reported but the shipped model misses it (v1 leaves dense lesions out of the lung and
+#: calls a lone left hemithorax "right"). A better model (lung2d-v2) tightens this: set more
+#: of them to True. Rotation and thick slices pass with little margin (0.981, 0.982).
+SHIPPED_MEETS: dict[tuple[str, str], bool] = {
+    ('lidc', 'Dice right vs reference'): True,  # 1.0
+    ('lidc', 'Dice left vs reference'): True,  # 0.9971
+    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9936
+    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9916
+    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9731
+    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 3.0463
+    ('lidc+lesions', '% mass voxels in lung'): False,  # 3.2909
+    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): True,  # 2.0187
+    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.1131
+    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9906
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): True,  # 1.4676
+    ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 2.9333
+    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9948
+    ('lidc nodules', '% nodule voxels in lung'): False,  # 93.0784
+    ('totalseg abdomen', 'mL lung label on gut gas'): True,  # 0.0
+    ('totalseg abdomen', 'right base recall'): True,  # 0.9599
+    ('totalseg abdomen', 'left base recall'): True,  # 0.9018
+    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9927
+    ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0002
+    ('crop left hemithorax', 'Dice left vs cropped ref'): False,  # 0.5974
+    ('crop left hemithorax', '% lung labelled the wrong side'): False,  # 54.8223
+    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 1.0
+    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 1.0
+    ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0
+    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9999
+    ('crop base 40 %', 'Dice left vs cropped ref'): True,  # 0.9658
+    ('crop base 40 %', '% lung labelled the wrong side'): True,  # 0.0
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): True,  # 0.9954
+    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): True,  # 0.9807
+    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): True,  # 0.9818
+    ('consistency', 'reversed storage: voxels differing from clean'): True,  # 0.0
+    ('cip-ct64 held-out', 'Dice right'): True,  # 0.9848
+    ('cip-ct64 held-out', 'Dice left'): True,  # 0.9859
+    ('bad input', 'MR series'): True,  # refused
+    ('bad input', 'non-HU 0..4095'): True,  # refused
+    ('bad input', 'all air'): True,  # refused
+}
 
 
 @pytest.mark.shared_data
