@@ -16,7 +16,7 @@ from typing import Any
 
 from medseg._version import __version__
 from medseg.errors import MedsegError
-from medseg.inference import DEFAULT_BATCH_SIZE
+from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 __all__ = ["build_parser", "main"]
 
@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet (default): the trained 2D U-Net; threshold: the classical "
                    "HU-threshold baseline")
     p.add_argument("--model", default=None,
-                   help="shipped model name or path to a model card .json (default lung2d-v1)")
+                   help="shipped model name or path to a model card .json (default "
+                   f"{DEFAULT_MODEL})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"slices per network call (default {DEFAULT_BATCH_SIZE}, the fastest "
                    "measured on a 2-core CPU; see docs/benchmarks.md)")
@@ -419,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["unet", "threshold"], default="unet",
                    help="what to score (default unet)")
     p.add_argument("--model", default=None,
-                   help="shipped model name or path to a model card .json (default lung2d-v1)")
+                   help="shipped model name or path to a model card .json (default "
+                   f"{DEFAULT_MODEL})")
     p.add_argument("--val-fraction", type=float, default=0.5,
                    help="held-out inferior fraction of the lung slices (default 0.5, as "
                    "trained)")

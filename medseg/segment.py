@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg._version import __version__
 from medseg.errors import ConfigError, InputError, ModalityError
-from medseg.inference import DEFAULT_BATCH_SIZE
+from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from medseg.inference.postprocess import LABEL_LEFT, LABEL_RIGHT, postprocess_labels
 from medseg.inference.threshold import BODY_MIN_HU, threshold_labels
 from medseg.io import load, save
@@ -117,7 +117,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         from medseg.models import load_model
 
         loaded = model if model is not None and not isinstance(model, (str, Path)) \
-            else load_model(model or "lung2d-v1")
+            else load_model(model or DEFAULT_MODEL)
         settings = InferenceSettings(batch_size=batch_size, threads=threads)
         raw = unet_labels(volume, loaded, settings, progress=progress)
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})

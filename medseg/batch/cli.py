@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from medseg.batch.runner import BatchConfig, BatchResult, Progress, run_batch
 from medseg.errors import ConfigError
+from medseg.inference import DEFAULT_MODEL
 from medseg.pacs.cli import add_batch_arguments, batch_options
 
 __all__ = ["config_from_yaml", "register", "run_config"]
@@ -215,7 +216,7 @@ def register(sub: Any) -> None:
                    help="unet (default): the trained 2D U-Net; threshold: the HU baseline")
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default "
-                   "lung2d-v1); loaded once per worker")
+                   f"{DEFAULT_MODEL}); loaded once per worker")
     p.add_argument("--max-attempts", type=_positive, default=2,
                    help="tries per study over all runs (default 2)")
     p.add_argument("--threads", type=_positive, default=None,

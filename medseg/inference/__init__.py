@@ -8,3 +8,7 @@ the shared postprocessing (:mod:`.postprocess`). Importing this package imports 
 #: untuned, 1.9-2.0 s against 2.6-3.3 s and 3.4-4.1 s); docs/benchmarks.md.
 DEFAULT_BATCH_SIZE = 4
 SLAB_SLICES = 16
+
+#: The model ``medseg segment`` uses unless told otherwise (``medseg.models`` re-exports it;
+#: defined here so that argument parsing need not import torch).
+DEFAULT_MODEL = "lung2d-v1"

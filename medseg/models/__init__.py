@@ -18,6 +18,7 @@ import torch
 from monai.networks.nets import UNet
 
 from medseg.errors import ConfigError, UnreadableFileError
+from medseg.inference import DEFAULT_MODEL
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -29,8 +30,6 @@ __all__ = [
     "sha256_of",
 ]
 
-#: The model ``medseg segment`` uses unless told otherwise.
-DEFAULT_MODEL = "lung2d-v1"
 #: Output channels: background, right lung (label 1), left lung (label 2), as lungmask.
 N_CLASSES = 3
 
@@ -102,7 +101,7 @@ def available_models() -> list[str]:
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
-    """Load shipped weights by name (``lung2d-v1``) or a ``.json`` card / ``.pt`` file path.
+    """Load shipped weights by name (e.g. ``lung2d-v2``) or a ``.json`` card / ``.pt`` file path.
 
     The card (JSON beside the weights) holds the architecture and the weights' SHA-256;
     a mismatch is an error, not a warning.

@@ -39,6 +39,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.inference import DEFAULT_MODEL
 from medseg.train.lesions import from_canonical, insert_effusion, insert_lesion, to_canonical
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
@@ -424,7 +425,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     odir = Path(out_dir) if out_dir is not None else None
     if odir is not None:
         odir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(model or "lung2d-v1") if not hasattr(model, "spec") else model
+    loaded = load_model(model or DEFAULT_MODEL) if not hasattr(model, "spec") else model
     rows: list[RobustnessRow] = []
     notes: dict[str, str] = {}
     timings: dict[str, float] = {}
