@@ -84,6 +84,9 @@ class TrainingConfig:
     #: Probability that a training crop's field of view is cut (one side of the body, a
     #: rectangle or the scanner's circle; outside is air as in a padded reconstruction).
     fov_crop_probability: float = 0.0
+    #: Weight of inserted-lesion pixels in the cross-entropy (1 = like any pixel): a lesion
+    #: is a small part of a crop, and the costly error is leaving it out of the lung.
+    lesion_weight: float = 1.0
 
 
 @dataclass
@@ -258,10 +261,17 @@ def _from_hu(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
                    ).astype(np.float32)
 
 
+#: Training labels of inserted-lesion pixels: their lung label plus this offset (the loss
+#: maps them back and weights them; see :class:`MaskedDiceCE`).
+LESION_OFFSET = 100
+
+
 def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.random.Generator,
-                   n_lesions: int, effusion_probability: float, name: str) -> Sample:
+                   n_lesions: int, effusion_probability: float, name: str,
+                   mark_lesions: bool = False) -> Sample:
     """A copy of a prepared real study with pathology inserted (labels known by
-    construction: lesions stay lung, an effusion leaves it; :mod:`.lesions`)."""
+    construction: lesions stay lung, an effusion leaves it; :mod:`.lesions`). With
+    ``mark_lesions`` lesion pixels are labelled lung + :data:`LESION_OFFSET` (training)."""
     from medseg.train.lesions import insert_random_pathology
     from medseg.train.realct import IGNORE
 
@@ -280,7 +290,7 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
         else:
             lesion |= f.mask
     # lesion voxels are lung by construction: never ignored; effusion voxels are not lung
-    lab = np.where(lesion, lung_lab, lab)
+    lab = np.where(lesion, lung_lab + (LESION_OFFSET if mark_lesions else 0), lab)
     lab[effusion] = 0
     focus = np.flatnonzero((lesion | effusion).any(axis=(1, 2)))
     return Sample(name, np.ascontiguousarray(_from_hu(hu).transpose(0, 2, 1)),
@@ -291,7 +301,7 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
 
 def _real_samples(names: list[str], root: Path, cache: Path, spec: ModelSpec, d: DataConfig,
                   seed: int, variants: int, out_dir: Path | None,
-                  log: Callable[[str], None]) -> list[Sample]:
+                  log: Callable[[str], None], training: bool = True) -> list[Sample]:
     """Prepared real studies with derived labels, and their lesion variants."""
     from medseg.train.realct import derive_lung_labels, load_real_ct
 
@@ -310,7 +320,7 @@ def _real_samples(names: list[str], root: Path, cache: Path, spec: ModelSpec, d:
         for v in range(variants):
             out.append(lesion_variant(base, _slice_spacing(vol), spec, rng,
                                       d.lesions_per_variant, d.effusion_probability,
-                                      f"real-{name}-lesions{v}"))
+                                      f"real-{name}-lesions{v}", mark_lesions=training))
     return out
 
 
@@ -362,7 +372,8 @@ class SliceSampler:
         w = np.array([s.weight for s in samples], float)
         self.p = w / w.sum()
         self.lung_slices = [np.flatnonzero(
-            np.isin(s.label.reshape(s.label.shape[0], -1), (1, 2)).any(axis=1))
+            np.isin(s.label.reshape(s.label.shape[0], -1),
+                    (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET)).any(axis=1))
             for s in samples]
         self.aug = _augment()
         self.aug.set_random_state(seed=seed)
@@ -457,17 +468,25 @@ class MaskedDiceCE(torch.nn.Module):
     included) that leaves out voxels labelled ``ignore``: derived labels of real CT are
     uncertain there. Dice is computed over the whole batch per class."""
 
-    def __init__(self, ignore: int = 255, smooth: float = 1e-5) -> None:
+    def __init__(self, ignore: int = 255, smooth: float = 1e-5,
+                 lesion_weight: float = 1.0) -> None:
         super().__init__()
         self.ignore = ignore
         self.smooth = smooth
+        self.lesion_weight = lesion_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         y = target[:, 0]
         valid = (y != self.ignore)
-        ce = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, -100),
-                                               ignore_index=-100) if valid.any() \
-            else logits.sum() * 0
+        lesion = valid & (y >= LESION_OFFSET)
+        y = torch.where(lesion, y - LESION_OFFSET, y)
+        if valid.any():
+            ce_map = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, 0),
+                                                       reduction="none")
+            weight = valid.to(ce_map.dtype) * (1.0 + (self.lesion_weight - 1.0) * lesion)
+            ce = (ce_map * weight).sum() / weight.sum()
+        else:
+            ce = logits.sum() * 0
         prob = torch.softmax(logits, dim=1) * valid[:, None]
         onehot = torch.nn.functional.one_hot(torch.where(valid, y, 0), logits.shape[1])
         onehot = onehot.permute(0, 3, 1, 2).to(prob.dtype) * valid[:, None]
@@ -562,7 +581,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
                          f"({d.lesion_variants} copies each with inserted pathology), "
                          f"{d.real_weight:.0%} of draws")
         # validation: one copy of each held-out study with pathology inserted
-        held = _real_samples(d.real_val, root, cache, spec, d, cfg.seed + 1, 1, out_dir, log)
+        held = _real_samples(d.real_val, root, cache, spec, d, cfg.seed + 1, 2, out_dir, log,
+                             training=False)
         val_samples += [s for s in held if s.lesion is not None]
         data_note.append(f"validation only (never trained on): {', '.join(d.real_val)}")
     t = cfg.training
@@ -576,7 +596,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         data_note.append(f"initialised from {t.init_weights}")
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    loss_fn = MaskedDiceCE()
+    loss_fn = MaskedDiceCE(lesion_weight=t.lesion_weight)
     divisor = 2 ** len(spec.strides)
     rows: list[dict[str, Any]] = []
     best, best_epoch, best_state = -1.0, 0, None
@@ -605,7 +625,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
                 row["val_dice_cip_right"] = round(dd["right"], 4)
                 row["val_dice_cip_left"] = round(dd["left"], 4)
             elif s.name.startswith("real"):
-                short = s.name.removeprefix("real-").split("-lesions")[0]
+                short = s.name.removeprefix("real-")
                 ls = lesion_scores(pred, s)
                 row[f"val_dice_{short}"] = round((dd["right"] + dd["left"]) / 2, 4)
                 for k, v in ls.items():

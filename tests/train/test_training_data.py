@@ -12,7 +12,14 @@ import yaml
 
 from medseg.models import ModelSpec
 from medseg.synth import make_phantom
-from medseg.train import MaskedDiceCE, Sample, SliceSampler, lesion_variant, load_train_config
+from medseg.train import (
+    LESION_OFFSET,
+    MaskedDiceCE,
+    Sample,
+    SliceSampler,
+    lesion_variant,
+    load_train_config,
+)
 from medseg.train.lesions import (
     LUNG_KINDS,
     from_canonical,
@@ -101,6 +108,23 @@ def test_masked_loss_ignores_ignore_voxels() -> None:
     assert float(loss(perfect, target)) < 0.01
 
 
+def test_lesion_pixels_weigh_more_and_count_as_lung() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 6, 6)
+    plain = torch.ones(1, 1, 6, 6, dtype=torch.long)
+    marked = plain.clone()
+    marked[..., :2, :2] = 1 + LESION_OFFSET
+    # weight 1: a marked lesion pixel is just lung
+    assert torch.isclose(MaskedDiceCE()(logits, marked), MaskedDiceCE()(logits, plain))
+    worse = logits.clone()
+    worse[0, 0, :2, :2] += 5.0  # the lesion called background
+    gain_plain = MaskedDiceCE(lesion_weight=4)(worse, plain) - MaskedDiceCE(
+        lesion_weight=4)(logits, plain)
+    gain_marked = MaskedDiceCE(lesion_weight=4)(worse, marked) - MaskedDiceCE(
+        lesion_weight=4)(logits, marked)
+    assert gain_marked > gain_plain > 0
+
+
 def test_sampler_cuts_the_field_of_view_to_air_with_labels() -> None:
     img = np.full((5, 64, 64), 0.5, np.float32)
     lab = np.ones((5, 64, 64), np.uint8)
@@ -126,6 +150,9 @@ def test_lesion_variant_keeps_lesions_lung_and_ignore_elsewhere() -> None:
     v = lesion_variant(base, 6.0, spec, np.random.default_rng(0), 3, 1.0, "real-x-lesions0")
     assert v.lesion is not None and v.lesion.any()
     assert np.all(np.isin(v.label[v.lesion], (1, 2)))
+    marked = lesion_variant(base, 6.0, spec, np.random.default_rng(0), 3, 1.0, "m",
+                            mark_lesions=True)
+    assert np.array_equal(marked.label[v.lesion], v.label[v.lesion] + LESION_OFFSET)
     assert v.effusion is not None and np.all(v.label[v.effusion] == 0)
     assert v.focus is not None and v.focus.size
     untouched = ~(v.lesion | v.effusion)
