@@ -11,4 +11,4 @@ SLAB_SLICES = 16
 
 #: The model ``medseg segment`` uses unless told otherwise (``medseg.models`` re-exports it;
 #: defined here so that argument parsing need not import torch).
-DEFAULT_MODEL = "lung2d-v1"
+DEFAULT_MODEL = "lung2d-v2"

@@ -15,6 +15,7 @@ import pytest
 import medseg
 from medseg.cli import main
 from medseg.errors import OutputError
+from medseg.inference import DEFAULT_MODEL
 from medseg.io.dicom_sr import read_sr_measurements
 from medseg.segment import StudyResult, segment_study
 from medseg.synth import write_phantom_study
@@ -70,7 +71,7 @@ def test_seg_references_codes_and_algorithm(philips: tuple[StudyResult, Path]) -
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         algo = item.SegmentationAlgorithmIdentificationSequence[0]
         assert algo.AlgorithmName == "medseg" and algo.AlgorithmVersion == medseg.__version__
-        assert sha in algo.AlgorithmParameters and "lung2d-v1" in algo.AlgorithmParameters
+        assert sha in algo.AlgorithmParameters and DEFAULT_MODEL in algo.AlgorithmParameters
 
 
 def test_sr_measurements_reference_the_seg(philips: tuple[StudyResult, Path]) -> None:

@@ -1,4 +1,4 @@
-"""The shipped model (lung2d-v1) on real content: accuracy on phantoms, the same mask in
+"""The shipped default model (DEFAULT_MODEL) on real content: accuracy on phantoms, the same mask in
 world space whatever the storage orientation (also oblique), determinism, and the
 chest-ct-philips-141 checks of the model card (volume, both lungs, the lesion inside)."""
 
@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 
 import medseg
 from medseg.io.itkformats import from_sitk, to_sitk
-from medseg.models import load_model
+from medseg.models import DEFAULT_MODEL, load_model
 from medseg.segment import segment, segment_study
 from medseg.volume import CTVolume
 from tests.conftest import REPO_ROOT, need
@@ -24,7 +24,7 @@ SAMPLE = REPO_ROOT / "sample_data" / "phantom_000"
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("lung2d-v1")
+    return load_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")

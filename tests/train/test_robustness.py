@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medseg.inference import DEFAULT_MODEL
 from medseg.train.robustness import (
     crop_volume,
     hemithorax_crop,
@@ -176,48 +177,62 @@ def test_rows_markdown() -> None:
     assert "| a | m | 0.9877 | >= 0.97 | pass |" in md and "| b | n | x/y | refused | FAIL |" in md
 
 
-#: What the shipped model meets: every targeted row of the suite, measured with lung2d-v1
-#: (values in the comments). Keys are (case, measure prefix); True = the row must pass, False =
-#: it is reported but the shipped model misses it (v1 leaves dense lesions out of the lung and
-#: calls a lone left hemithorax "right"). A better model (lung2d-v2) tightens this: set more
-#: of them to True. Rotation and thick slices pass with little margin (0.981, 0.982).
+#: What the shipped model (lung2d-v2) meets: every targeted row of the suite, as measured on
+#: 2026-11-30 by `medseg validate-model --suite robustness` (values in the comments; the table
+#: is in docs/model-card.md). Keys are (case, measure prefix); True = the row must pass,
+#: False = reported, and the shipped model misses it (issue 12 is open for these: inserted
+#: consolidation and masses not yet >= 95 % inside, one thick effusion 8 % inside, the
+#: consistency variants and cip-ct64's left lung just under their targets).
 SHIPPED_MEETS: dict[tuple[str, str], bool] = {
-    ('lidc', 'Dice right vs reference'): True,  # 1.0
-    ('lidc', 'Dice left vs reference'): True,  # 0.9971
-    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9936
-    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9916
-    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9731
-    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 3.0463
-    ('lidc+lesions', '% mass voxels in lung'): False,  # 3.2909
-    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): True,  # 2.0187
-    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.1131
-    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9906
-    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): True,  # 1.4676
-    ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 2.9333
-    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9948
-    ('lidc nodules', '% nodule voxels in lung'): False,  # 93.0784
+    ('lidc', 'Dice right vs reference'): True,  # 0.9864
+    ('lidc', 'Dice left vs reference'): True,  # 0.9885
+    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9855
+    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9833
+    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9768
+    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 51.3207
+    ('lidc+lesions', '% mass voxels in lung'): False,  # 78.618
+    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): True,  # 4.9194
+    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.2186
+    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9851
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): False,  # 8.3239
+    ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 2.7608
+    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9803
+    ('lidc nodules', '% nodule voxels in lung'): True,  # 99.9868
     ('totalseg abdomen', 'mL lung label on gut gas'): True,  # 0.0
-    ('totalseg abdomen', 'right base recall'): True,  # 0.9599
-    ('totalseg abdomen', 'left base recall'): True,  # 0.9018
-    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9927
-    ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0002
-    ('crop left hemithorax', 'Dice left vs cropped ref'): False,  # 0.5974
-    ('crop left hemithorax', '% lung labelled the wrong side'): False,  # 54.8223
-    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 1.0
-    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 1.0
-    ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0
-    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9999
-    ('crop base 40 %', 'Dice left vs cropped ref'): True,  # 0.9658
+    ('totalseg abdomen', 'right base recall'): True,  # 0.9757
+    ('totalseg abdomen', 'left base recall'): True,  # 0.9257
+    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9579
+    ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0168
+    ('crop left hemithorax', 'Dice left vs cropped ref'): True,  # 0.9818
+    ('crop left hemithorax', '% lung labelled the wrong side'): True,  # 0.0312
+    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 0.99
+    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 0.9971
+    ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0002
+    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9781
+    ('crop base 40 %', 'Dice left vs cropped ref'): False,  # 0.8994
     ('crop base 40 %', '% lung labelled the wrong side'): True,  # 0.0
-    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): True,  # 0.9954
-    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): True,  # 0.9807
-    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): True,  # 0.9818
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): False,  # 0.9868
+    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9671
+    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.978
     ('consistency', 'reversed storage: voxels differing from clean'): True,  # 0.0
-    ('cip-ct64 held-out', 'Dice right'): True,  # 0.9848
-    ('cip-ct64 held-out', 'Dice left'): True,  # 0.9859
+    ('cip-ct64 held-out', 'Dice right'): True,  # 0.9877
+    ('cip-ct64 held-out', 'Dice left'): False,  # 0.9792
     ('bad input', 'MR series'): True,  # refused
     ('bad input', 'non-HU 0..4095'): True,  # refused
     ('bad input', 'all air'): True,  # refused
+}
+#: Floors for the rows the shipped model misses, a little under what it measured: they are
+#: not met yet, but a change that makes them worse fails. (value >= floor, or <= for "%
+#: effusion" rows.)
+SHIPPED_FLOORS: dict[tuple[str, str], float] = {
+    ('lidc+lesions', '% consolidation voxels in lung'): 45.0,
+    ('lidc+lesions', '% mass voxels in lung'): 70.0,
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): 10.0,
+    ('crop base 40 %', 'Dice left vs cropped ref'): 0.88,
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): 0.98,
+    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): 0.96,
+    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): 0.97,
+    ('cip-ct64 held-out', 'Dice left'): 0.975,
 }
 
 
@@ -229,7 +244,7 @@ def test_robustness_suite_on_the_shipped_model(shared_data: Path, tmp_path: Path
 
     need(shared_data, "real-ct/lidc-idri-0001")
     need(shared_data, "totalseg-example/example_ct.nii.gz")
-    res = run_robustness(shared_data, model="lung2d-v1", cache_dir=tmp_path / "cache",
+    res = run_robustness(shared_data, model=DEFAULT_MODEL, cache_dir=tmp_path / "cache",
                          out_dir=tmp_path / "out")
     rows = res["rows"]
     assert {"case", "measure", "value", "target", "passed"} <= set(rows[0])
@@ -247,3 +262,9 @@ def test_robustness_suite_on_the_shipped_model(shared_data: Path, tmp_path: Path
         assert hits, (case, measure)
         if must:
             assert all(r["passed"] for r in hits), hits
+    for (case, measure), floor in SHIPPED_FLOORS.items():
+        hits = [r for r in rows if r["case"] == case and r["measure"].startswith(measure)]
+        assert hits, (case, measure)
+        for r in hits:
+            ok = r["value"] <= floor if "effusion" in measure else r["value"] >= floor
+            assert ok, (r, floor)
