@@ -87,10 +87,8 @@ def real_ct_path(shared_data: str | Path, name: str, cache_dir: str | Path) -> P
 def load_real_ct(shared_data: str | Path, name: str, cache_dir: str | Path) -> CTVolume:
     from medseg.io import load
 
-    vol = load(real_ct_path(shared_data, name, cache_dir))
-    # scanner padding far below air is air (the loader does this; kept for volumes that
-    # reach here another way): -1024 is what the model's HU window clips to anyway
-    return vol.with_array(np.maximum(vol.array, -1024).astype(vol.array.dtype, copy=False))
+    # scanner padding (LIDC -2048, RIDER -3024) is set to air by the loader itself
+    return load(real_ct_path(shared_data, name, cache_dir))
 
 
 def _in_plane_disk(radius_vox: tuple[float, float]) -> npt.NDArray[np.bool_]:
