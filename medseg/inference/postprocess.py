@@ -42,7 +42,13 @@ LUNG_MEDIAN_HU = (-960.0, -700.0)
 #: not labelled lung lies in air, outside the body (1.00 for the pockets between the back
 #: and the table in chest-ct-philips-141; 0.04-0.10 for lungs and bowel gas).
 AIR_SHELL_FRACTION = 0.5
-#: A component (not lung-like by HU) is "under another" when at least this
+#: A component that looks like lung by its HU is still tested by the "under" rule when it
+#: is smaller than this (mL): the part of a lung that a lesion cuts off is a lobe or a
+#: segment (hundreds of mL); a small lung-looking pocket under a lung is bowel gas mixed
+#: with stool (LIDC-IDRI-0001's splenic flexure: 10 mL, median -866 HU, kept before).
+SPLIT_PIECE_ML = 50.0
+#: A component (not lung-like by HU, or smaller than SPLIT_PIECE_ML) is "under another" when
+#: at least this
 #: fraction of its voxels (most of them) have a voxel of another kept component superior to
 #: them in the same column: below the diaphragm.
 UNDER_FRACTION = 0.5
@@ -341,7 +347,8 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
                 alive[c] = False   # air outside the body labelled lung
     superior_up = bool(_coefficients(geometry, 2)[axial_axis] > 0)
     under = [c for c in small if alive[c] and not (
-        c in median and LUNG_MEDIAN_HU[0] <= median[c] <= LUNG_MEDIAN_HU[1])]
+        c in median and LUNG_MEDIAN_HU[0] <= median[c] <= LUNG_MEDIAN_HU[1]
+        and sizes[c] * voxel_ml >= SPLIT_PIECE_ML)]
     drop = [c for c in under if _under_fraction(comp, alive, objects[c - 1], c, axial_axis,
                                                 superior_up) >= UNDER_FRACTION]
     alive[drop] = False
@@ -463,7 +470,8 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
        left for the caller's "that is air" warning); when most of their face neighbours
        are gas not labelled lung (> :data:`AIR_SHELL_FRACTION`: air outside the body,
        between the back and the table; never the largest component); and, unless their
-       median looks like lung (within :data:`LUNG_MEDIAN_HU`), when at least
+       median looks like lung (within :data:`LUNG_MEDIAN_HU`) and they hold at least
+       :data:`SPLIT_PIECE_ML` (a piece a lesion cut off), when at least
        :data:`UNDER_FRACTION` of their voxels have another kept component superior to them
        in the same column (something under a lung, below the diaphragm).
     3. Every component of at least :data:`MIN_PIECE_ML` that survives rule 2 is kept (a

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medseg.inference.postprocess import postprocess_labels
+from medseg.inference.postprocess import SPLIT_PIECE_ML, postprocess_labels
 from medseg.volume import CTVolume, Geometry
 from tests.helpers import labels_on_grid, reindex
 
@@ -153,6 +153,21 @@ def test_lung_split_by_a_lesion_keeps_both_pieces() -> None:
     lower = (c.truth == 1) & (c.z < -10)
     assert c.ml(lower) > 100
     assert not (postprocess_labels(c.net, 0)[lower] == 1).any()  # the old call lost it
+
+
+def test_small_lung_looking_pocket_under_a_lung_is_dropped() -> None:
+    """Bowel gas mixed with stool (median about -860 HU, like LIDC-IDRI-0001's splenic
+    flexure) in a 10-40 mL pocket under the left lung base, labelled left: not lung; the
+    large lower piece of a split lung (previous test) is still kept."""
+    c = Chest(z_range=(-120.0, 80.0))
+    base_z = float(c.z[c.truth == 2].min())
+    pocket = c.ellipsoid((c.mid_x + 60, 0.0, base_z - 25.0), (14.0, 14.0, 12.0)) & (c.truth == 0)
+    assert 5 < c.ml(pocket) < SPLIT_PIECE_ML
+    c.hu[pocket] = -860
+    c.net[pocket] = 2
+    out = c.run()
+    assert not out[pocket].any()
+    np.testing.assert_array_equal(out, c.truth)
 
 
 def test_one_lung_absent_gives_one_lung() -> None:
