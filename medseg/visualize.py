@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from medseg.volume import CTVolume
+from medseg.volume import CTVolume, to_canonical
 
 __all__ = ["LUNG_WINDOW", "overlay_montage"]
 
@@ -25,17 +25,9 @@ _COLOURS = {1: (0.95, 0.25, 0.2), 2: (0.2, 0.55, 0.95)}
 
 def _to_lps(volume: CTVolume) -> tuple[npt.NDArray[Any], tuple[float, float, float]]:
     """Array (z, y, x) with axes flipped/permuted so that i -> L, j -> P, k -> S (nearest
-    axis for oblique grids), and the matching spacing."""
-    direction = volume.direction
-    perm = [int(np.argmax(np.abs(direction[:, axis]))) for axis in range(3)]
-    arr = volume.array.transpose(2, 1, 0)  # (i, j, k)
-    order = [perm.index(w) for w in range(3)]  # index axis giving world axis w
-    arr = arr.transpose(order)
-    spacing = [volume.spacing[a] for a in order]
-    for w in range(3):
-        if direction[w, order[w]] < 0:
-            arr = np.flip(arr, axis=w)
-    return np.ascontiguousarray(arr.transpose(2, 1, 0)), (spacing[0], spacing[1], spacing[2])
+    axis for oblique grids), and the matching spacing (x, y, z)."""
+    arr, (sz, sy, sx) = to_canonical(volume)
+    return arr, (sx, sy, sz)
 
 
 def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:

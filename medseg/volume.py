@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from medseg.errors import GeometryError, PixelDataError
 
-__all__ = ["LPS_TO_RAS", "CTVolume", "Geometry", "VolumeMetadata"]
+__all__ = ["LPS_TO_RAS", "CTVolume", "Geometry", "VolumeMetadata", "from_canonical",
+           "to_canonical"]
 
 #: Flips x and y: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -303,3 +304,45 @@ class CTVolume:
             "min": float(arr.min()),
             "max": float(arr.max()),
         }
+
+
+# -- the canonical (S, P, L) array frame ---------------------------------------------------
+def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Array-axis permutation and flips taking ``volume.array`` (z, y, x) to canonical
+    (S, P, L) order: array axes towards world Superior, Posterior, Left (LPS), the radiological
+    frame; axis-aligned grids only (nearest axis for oblique ones)."""
+    d = volume.direction  # columns: world vectors of i, j, k
+    # array axes are (k, j, i) = index axes (2, 1, 0)
+    world_of_array_axis = []
+    sign = []
+    for index_axis in (2, 1, 0):
+        w = int(np.argmax(np.abs(d[:, index_axis])))
+        world_of_array_axis.append(w)
+        sign.append(float(d[w, index_axis]) > 0)
+    # canonical array order: world z, y, x
+    perm = tuple(world_of_array_axis.index(w) for w in (2, 1, 0))
+    flips = tuple(not sign[p] for p in perm)
+    return (int(perm[0]), int(perm[1]), int(perm[2])), (flips[0], flips[1], flips[2])
+
+
+def to_canonical(volume: CTVolume, array: npt.NDArray[Any] | None = None
+                 ) -> tuple[npt.NDArray[Any], tuple[float, float, float]]:
+    """``array`` (default ``volume.array``) in canonical (S, P, L) order, and its spacing."""
+    arr = volume.array if array is None else array
+    perm, flips = _canonical_ops(volume)
+    out = np.transpose(arr, perm)
+    for ax, f in enumerate(flips):
+        if f:
+            out = np.flip(out, ax)
+    sp = volume.spacing[::-1]  # (z, y, x) array order
+    return np.ascontiguousarray(out), (sp[perm[0]], sp[perm[1]], sp[perm[2]])
+
+
+def from_canonical(volume: CTVolume, canonical: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The inverse of :func:`to_canonical`: back to ``volume``'s own array order."""
+    perm, flips = _canonical_ops(volume)
+    out = canonical
+    for ax, f in enumerate(flips):
+        if f:
+            out = np.flip(out, ax)
+    return np.ascontiguousarray(np.transpose(out, np.argsort(perm)))

@@ -29,6 +29,7 @@ from medseg._version import __version__
 from medseg.config import from_mapping, read_yaml
 from medseg.errors import ConfigError
 from medseg.models import ModelSpec, build_network, sha256_of
+from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume
 
 __all__ = ["TrainConfig", "load_train_config", "prepare_slices", "train"]
@@ -273,7 +274,6 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
     construction: lesions stay lung, an effusion leaves it; :mod:`.lesions`). With
     ``mark_lesions`` lesion pixels are labelled lung + :data:`LESION_OFFSET` (training)."""
     from medseg.train.lesions import insert_random_pathology
-    from medseg.train.realct import IGNORE
 
     # prepared stacks are (S, L, P); the lesion code works in (S, P, L)
     hu = np.ascontiguousarray(_to_hu(base.image).transpose(0, 2, 1))
@@ -328,7 +328,7 @@ def _label_overlay(vol: CTVolume, lab: npt.NDArray[np.uint8], path: Path) -> Non
     """Coronal montage of derived labels (ignored voxels shown as background) to inspect."""
     from medseg.visualize import overlay_montage
 
-    shown = np.where(lab == 255, 0, lab).astype(np.uint8)
+    shown = np.where(lab == IGNORE, 0, lab).astype(np.uint8)
     path.write_bytes(overlay_montage(vol, vol.with_array(shown), view="coronal"))
 
 
@@ -455,7 +455,7 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
 def dice_per_lung(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[str, float]:
     """Dice per lung; reference voxels labelled IGNORE (255) are left out."""
     out = {}
-    valid = ref != 255
+    valid = ref != IGNORE
     for name, lab in (("right", 1), ("left", 2)):
         p, r = (pred == lab) & valid, ref == lab
         denom = int(p.sum() + r.sum())
@@ -468,7 +468,7 @@ class MaskedDiceCE(torch.nn.Module):
     included) that leaves out voxels labelled ``ignore``: derived labels of real CT are
     uncertain there. Dice is computed over the whole batch per class."""
 
-    def __init__(self, ignore: int = 255, smooth: float = 1e-5,
+    def __init__(self, ignore: int = IGNORE, smooth: float = 1e-5,
                  lesion_weight: float = 1.0) -> None:
         super().__init__()
         self.ignore = ignore
@@ -580,7 +580,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         data_note.append(f"real CT with derived labels: {', '.join(d.real_train)} "
                          f"({d.lesion_variants} copies each with inserted pathology), "
                          f"{d.real_weight:.0%} of draws")
-        # validation: one copy of each held-out study with pathology inserted
+        # validation: two copies of each held-out study with pathology inserted
         held = _real_samples(d.real_val, root, cache, spec, d, cfg.seed + 1, 2, out_dir, log,
                              training=False)
         val_samples += [s for s in held if s.lesion is not None]
