@@ -119,8 +119,7 @@ def _texture(shape: tuple[int, ...], mean: float, sd: float, rng: np.random.Gene
 
 # -- where ------------------------------------------------------------------------------------
 def _anchor_voxel(lung: npt.NDArray[np.bool_], other: npt.NDArray[np.bool_], anchor: str,
-                  spacing: tuple[float, float, float], rng: np.random.Generator
-                  ) -> npt.NDArray[np.float64] | None:
+                  rng: np.random.Generator) -> npt.NDArray[np.float64] | None:
     """A voxel (z, y, x) of ``lung`` at the named place, or None."""
     zs = np.flatnonzero(lung.any(axis=(1, 2)))
     if zs.size < 3:
@@ -179,7 +178,7 @@ def insert_lesion(hu: npt.NDArray[np.float32], labels: npt.NDArray[Any],
     anchor = anchor or str(rng.choice(ANCHORS[kind]))
     lung = labels == side
     other = (labels > 0) & ~lung
-    where = _anchor_voxel(lung, other, anchor, spacing, rng)
+    where = _anchor_voxel(lung, other, anchor, rng)
     if where is None:
         return None
     lo, hi = DIAMETER_MM[kind]
