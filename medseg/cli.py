@@ -67,6 +67,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 print(f"  correction: {c}")
         return EXIT_OK
     scan = io.scan_dicom(args.path, series_uid=args.series)
+    # read the chosen series' pixels and run the checks loading runs: "would use" is what
+    # segment and convert load, and a series they refuse is shown refused, with the reason
+    io.verify_chosen(scan)
     data = scan.to_dict()
     data["format"] = "dicom"
     if args.json:
@@ -130,11 +133,19 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from medseg.segment import segment_study
 
     progress = _Progress("segmenting", not args.quiet)
-    result = segment_study(args.input, args.out_dir, series=args.series, method=args.method,
-                           model=args.model, batch_size=args.batch_size, threads=args.threads,
-                           progress=progress, reference=args.reference,
-                           report=not args.no_report, study_id=args.study_id,
-                           show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg)
+    try:
+        result = segment_study(args.input, args.out_dir, series=args.series,
+                               method=args.method, model=args.model,
+                               batch_size=args.batch_size, threads=args.threads,
+                               progress=progress, reference=args.reference,
+                               report=not args.no_report, study_id=args.study_id,
+                               show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg)
+    except KeyboardInterrupt as exc:  # Ctrl-C: the outputs are one unit (medseg.io._atomic)
+        if progress.enabled:
+            print(file=sys.stderr)  # end the progress line
+        state = str(exc) or "nothing written, the output folder is as it was"
+        print(f"medseg: interrupted: {args.out_dir}: {state}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary = result.summary
     for w in summary["warnings"]:
         print(f"medseg: warning: {args.input}: {w}", file=sys.stderr)
@@ -170,6 +181,16 @@ def _print_metric_table(metrics: dict[str, dict[str, float]]) -> None:
         print(f"  {label:<6}" + "".join(f"{_fmt_metric(m[k]):>15}" for k in _METRIC_KEYS))
 
 
+def _label_convention(text: str) -> Any:
+    from medseg.errors import ConfigError
+    from medseg.evaluate import LabelConvention
+
+    try:
+        return LabelConvention.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from exc
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError
     from medseg.evaluate import to_jsonable
@@ -181,15 +202,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             cohort and (args.pred_dir is None or args.ref_dir is None or args.out_dir is None)):
         raise ConfigError("give PRED REF for one pair, or --pred-dir D --ref-dir D -o OUT_DIR "
                           "for a cohort")
+    labels = {"pred_labels": args.pred_labels, "ref_labels": args.ref_labels,
+              "flags": ("--pred-labels", "--ref-labels")}
     if single:
-        res = evaluate_pair(args.pred, args.ref)
+        res = evaluate_pair(args.pred, args.ref, **labels)
         if args.json:
             print(json.dumps(to_jsonable(res), indent=2))
         else:
-            print(f"{args.pred} vs {args.ref} (distances in mm):")
+            print(f"{args.pred} ({res['labels']['pred']}) vs {args.ref} "
+                  f"({res['labels']['ref']}), distances in mm:")
             _print_metric_table(res["metrics"])
+            for note in res["notes"]:
+                print(f"  note: {note}")
         return EXIT_OK
-    result = evaluate_cohort(args.pred_dir, args.ref_dir, args.out_dir)
+    result = evaluate_cohort(args.pred_dir, args.ref_dir, args.out_dir, **labels)
     acc = result.accumulator
     summary = acc.summary()
     if args.json:
@@ -206,6 +232,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  failed: {cid}: {result.notes.get(cid, 'a lung missed (Dice 0)')}")
         for cid in result.unmatched_predictions:
             print(f"  no reference for prediction {cid!r}: not scored")
+        noted = [cid for cid in result.notes if cid not in result.failed]
+        for cid in noted[:5]:
+            print(f"  note: {cid}: {result.notes[cid]}")
+        if len(noted) > 5:
+            print(f"  ... and {len(noted) - 5} more notes (cohort.html, --json)")
         print(f"wrote {', '.join(str(p) for p in result.outputs.values())}")
     return EXIT_ERROR if result.failed and args.fail_on_failure else EXIT_OK
 
@@ -344,8 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT_DIR/lungs.nii.gz (uint8, on the input's exact grid and orientation) and "
         "OUT_DIR/segment.json (what ran, model checksum, input summary, timings, lung volumes, "
         "warnings); for DICOM input also OUT_DIR/lungs.seg.dcm (DICOM SEG on the source images' "
-        "planes) and OUT_DIR/lungs.sr.dcm (DICOM SR measurement report). Runs offline on the "
-        "CPU with the model shipped in the package.")
+        "planes) and OUT_DIR/lungs.sr.dcm (DICOM SR measurement report). The outputs are one "
+        "unit: OUT_DIR is locked while a run writes, and a failed or interrupted run leaves it "
+        "as it was; these files of an earlier run that this run does not write (e.g. the SEG "
+        "after a NIfTI run, report.* with --no-report) are removed, other files are left "
+        "alone (docs/concepts/outputs.md). Runs offline on the CPU with the model shipped in "
+        "the package.")
     p.add_argument("input", type=Path, help="DICOM folder/file, NIfTI, NRRD or MHA (CT in HU)")
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
@@ -381,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="One pair: 'medseg evaluate PRED REF' prints Dice, IoU, Hausdorff, HD95, "
         "ASSD, NSD (2 mm) and volume difference for the right lung (label 1), the left lung "
         "(2) and both together; distances in mm from the voxel spacing. The two grids must be "
-        "the same in world space. A cohort: 'medseg evaluate --pred-dir D --ref-dir D -o OUT' "
+        "the same in world space. Both maps' label values are checked against their "
+        "conventions (--pred-labels, --ref-labels): a binary 0/1 reference scores both lungs "
+        "together, with a note; 255 or CIP label maps need their convention given, else the "
+        "command refuses and names the values found. "
+        "A cohort: 'medseg evaluate --pred-dir D --ref-dir D -o OUT' "
         "matches REF_DIR/<id>.nii.gz with PRED_DIR/<id>.nii.gz or PRED_DIR/<id>/lungs.nii.gz "
         "and writes cohort.html, cohort_cases.csv and cohort_summary.csv; a missing or "
         "unreadable prediction counts as a failure, never drops out.",
@@ -394,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--fail-on-failure", action="store_true",
                    help="exit 1 when a cohort case failed (a missed lung)")
+    p.add_argument("--pred-labels", type=_label_convention, default="right=1,left=2",
+                   metavar="SPEC", help="label convention of the predictions (default "
+                   "right=1,left=2, medseg's and lungmask's); see --ref-labels")
+    p.add_argument("--ref-labels", type=_label_convention, default="auto", metavar="SPEC",
+                   help="label convention of the references: 'right=1,left=2', 'lung=1', "
+                   "'lung=255', 'lung=1-255', 'right=1+3,left=2+4-5', add "
+                   "'background=N-M' for other structures, or 'cip' for a Chest Imaging "
+                   "Platform label map. Default 'auto': right=1,left=2, or lung=1 for a "
+                   "0/1 mask (then only both lungs together are scored, with a note). A "
+                   "value the convention does not name is an error")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

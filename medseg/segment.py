@@ -2,7 +2,9 @@
 
 ``segment(volume)`` returns labels on the volume's exact grid (0 background, 1 right lung,
 2 left lung); ``segment_study(input, out_dir)`` loads, segments and writes
-``lungs.nii.gz`` and ``segment.json`` (atomically), as ``medseg segment`` does.
+``lungs.nii.gz``, ``segment.json``, the report and (for DICOM) the SEG and SR as one unit,
+as ``medseg segment`` does: a locked output folder, a staging folder swapped in whole, the
+earlier run's other outputs removed (the design is in :mod:`medseg.io._atomic`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,22 @@ from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from medseg.inference.postprocess import LABEL_LEFT, LABEL_RIGHT, postprocess_labels
 from medseg.inference.threshold import BODY_MIN_HU, threshold_labels
 from medseg.io import load, save
-from medseg.io._atomic import atomic_output
+from medseg.io._atomic import atomic_output, output_unit
+from medseg.io.dicom_seg import SEG_FILENAME
+from medseg.io.dicom_sr import SR_FILENAME
+from medseg.validation import MASK_NAME
 from medseg.volume import CTVolume
 
-__all__ = ["Method", "Segmentation", "StudyResult", "segment", "segment_study"]
+__all__ = ["OUTPUT_NAMES", "Method", "Segmentation", "StudyResult", "segment", "segment_study"]
+
+#: The commit record of a study's outputs (see :func:`segment_study`): what ran, and which
+#: files belong to it.
+SUMMARY_FILENAME = "segment.json"
+#: The files of the per-study report (the keys of :func:`medseg.report.study.render_study_files`).
+REPORT_FILENAMES = ("report.json", "report.html", "report.csv")
+#: Every file :func:`segment_study` may write into its output folder. They are one unit: a
+#: run deletes those of an earlier run that it does not write itself.
+OUTPUT_NAMES = (MASK_NAME, SUMMARY_FILENAME, *REPORT_FILENAMES, SEG_FILENAME, SR_FILENAME)
 
 #: Plausible adult total lung volume at CT (mL): roughly 2-9 L across sex, size, disease and
 #: inspiration (e.g. COPDGene TLC/FRC ranges). Outside it a warning is written.
@@ -174,16 +188,39 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     (labels on the input's grid) the report holds validation metrics. For DICOM input
     (unless ``dicom_outputs`` is false) also ``lungs.seg.dcm`` (DICOM SEG on the source
     images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
-    :mod:`medseg.io.dicom_seg`. Nothing is written if loading, segmentation, the report or
-    the DICOM objects fail: every output is made (and the SEG read back) in memory first
-    and each file is written atomically."""
+    :mod:`medseg.io.dicom_seg`.
+
+    The outputs are one unit (:func:`medseg.io._atomic.output_unit`): ``out_dir`` is locked
+    for the whole run (a second run into it fails at once with an
+    :class:`~medseg.errors.OutputError`), every file is written into a staging folder and
+    the set is swapped in whole; the :data:`OUTPUT_NAMES` this run does not write (e.g. an
+    earlier DICOM run's SEG and SR, or ``report.*`` with ``report=False``) are deleted, any
+    other file in ``out_dir`` is left alone. If anything fails or is interrupted before the
+    swap, ``out_dir`` is as it was; what a killed run left is finished or removed by the next
+    run into the folder."""
+    with output_unit(out_dir, names=OUTPUT_NAMES, record=SUMMARY_FILENAME) as staging:
+        summary, volume, result = _segment_into(
+            input_path, staging, series=series, method=method, model=model,
+            batch_size=batch_size, threads=threads, progress=progress, reference=reference,
+            report=report, study_id=study_id, show_phi=show_phi, dicom_outputs=dicom_outputs)
+    return StudyResult(summary=summary, volume=volume, segmentation=result,
+                       out_dir=Path(out_dir))
+
+
+def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
+                  method: str | Method, model: Any, batch_size: int, threads: int | None,
+                  progress: Callable[[int, int], None] | None,
+                  reference: str | Path | None, report: bool, study_id: str | None,
+                  show_phi: bool, dicom_outputs: bool
+                  ) -> tuple[dict[str, Any], CTVolume, Segmentation]:
+    """:func:`segment_study`'s work: every output is made (and the SEG read back) in memory,
+    then written into ``staging``; returns the summary, the volume and the segmentation."""
     t0 = time.perf_counter()
     volume = load(input_path, series=series)
     ref = load(reference) if reference is not None else None
     t_load = time.perf_counter() - t0
     result = segment(volume, method=method, model=model, batch_size=batch_size,
                      threads=threads, progress=progress)
-    out = Path(out_dir)
     t1 = time.perf_counter()
     report_files: dict[str, str] = {}
     measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR
@@ -201,8 +238,8 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     dicom_data: dict[str, bytes] = {}
     dicom_timings: dict[str, float] = {}
     if dicom_outputs and volume.metadata.source_format == "dicom":
-        from medseg.io.dicom_seg import SEG_FILENAME, build_seg
-        from medseg.io.dicom_sr import SR_FILENAME, build_sr
+        from medseg.io.dicom_seg import build_seg
+        from medseg.io.dicom_sr import build_sr
 
         t1 = time.perf_counter()
         seg = build_seg(volume, result.labels, method=result.method, model=result.model)
@@ -213,7 +250,7 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
         dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}
         dicom_data = {SEG_FILENAME: seg.data, SR_FILENAME: sr.data}
     t1 = time.perf_counter()
-    mask_path = save(result.labels, out / "lungs.nii.gz")
+    mask_path = save(result.labels, staging / MASK_NAME)
     t_write = time.perf_counter() - t1
     md = volume.metadata
     summary: dict[str, Any] = {
@@ -240,7 +277,7 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     }
     if dicom_data:
         for name, data in dicom_data.items():
-            with atomic_output(out / name) as tmp:
+            with atomic_output(staging / name) as tmp:
                 tmp.write_bytes(data)
         summary["outputs"].update(dicom_files)
         summary["timings_s"].update(dicom_timings)
@@ -248,11 +285,10 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     if report_files:
         from medseg.report.study import write_files
 
-        write_files(out, report_files)
+        write_files(staging, report_files)
         summary["outputs"]["report"] = sorted(report_files)
         summary["timings_s"]["report"] = round(t_report, 3)
         summary["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
-    with atomic_output(out / "segment.json") as tmp:
+    with atomic_output(staging / SUMMARY_FILENAME) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    return StudyResult(summary=summary, volume=volume, segmentation=result,
-                       out_dir=out)
+    return summary, volume, result

@@ -1,6 +1,9 @@
 """Validation of label maps against references, from files: one pair, or a cohort of pairs
 matched by name. Grids must be the same in world space (else a clear error says how they
-differ); metrics come from :mod:`medseg.evaluate`, reports from :mod:`medseg.report`."""
+differ); each map is read through its label convention (``pred_labels``, default
+``right=1,left=2``; ``ref_labels``, default ``auto``: see :mod:`medseg.evaluate.labels`), so a
+binary, 255 or CIP reference is never mis-scored silently; metrics come from
+:mod:`medseg.evaluate`, reports from :mod:`medseg.report`."""
 
 from __future__ import annotations
 
@@ -10,8 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import GeometryError, InputError, MedsegError, NotFoundError
-from medseg.evaluate import CohortAccumulator, label_metrics
+from medseg.errors import GeometryError, MedsegError, NotFoundError
+from medseg.evaluate import CohortAccumulator
+from medseg.evaluate.labels import (
+    DEFAULT_PRED_LABELS,
+    DEFAULT_REF_LABELS,
+    LabelConvention,
+    LabelScore,
+    ResolvedLabels,
+    as_label_array,
+    resolve_labels,
+    score_resolved,
+)
 from medseg.io import load
 from medseg.io._atomic import split_suffix
 from medseg.volume import CTVolume
@@ -21,30 +34,46 @@ __all__ = ["CohortResult", "evaluate_cohort", "evaluate_pair", "match_pairs"]
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: What ``medseg segment`` / ``medseg batch`` write in each study folder.
 MASK_NAME = "lungs.nii.gz"
+#: The options that set the conventions, named in messages (the CLI passes its flags).
+PY_FLAGS = ("pred_labels=", "ref_labels=")
 
 
 def _labels(path: Path) -> CTVolume:
     vol = load(path)
-    arr = vol.array
-    if arr.dtype.kind == "f":
-        if not np.array_equal(arr, np.round(arr)):
-            raise InputError("not a label map: non-integer values", path=path)
-        arr = arr.astype(np.int32)
-    return vol.with_array(arr)
+    return vol.with_array(as_label_array(vol.array, path=path))
 
 
-def metrics_on_same_grid(pred: CTVolume, ref: CTVolume) -> dict[str, dict[str, float]]:
+def _check_grids(pred: CTVolume, ref: CTVolume) -> None:
     if not pred.same_grid(ref, atol_mm=1e-3):
         raise GeometryError("prediction and reference grids differ: "
                             + pred.grid_difference(ref), path=pred.metadata.source_path)
-    return label_metrics(pred.array, ref.array, pred.spacing[::-1])
 
 
-def evaluate_pair(pred_path: str | Path, ref_path: str | Path) -> dict[str, Any]:
-    """Metrics of one prediction against its reference (labels 1 right, 2 left)."""
-    pred, ref = _labels(Path(pred_path)), _labels(Path(ref_path))
+def _resolve(vol: CTVolume, conv: LabelConvention, role: str, path: Path,
+             flag: str) -> ResolvedLabels:
+    return resolve_labels(vol.array, conv, role=role, path=path, flag=flag)
+
+
+def evaluate_pair(pred_path: str | Path, ref_path: str | Path, *,
+                  pred_labels: str | LabelConvention = DEFAULT_PRED_LABELS,
+                  ref_labels: str | LabelConvention = DEFAULT_REF_LABELS,
+                  flags: tuple[str, str] = PY_FLAGS) -> dict[str, Any]:
+    """Metrics of one prediction against its reference, each read through its label
+    convention. Returns ``{"pred", "ref", "labels": {"pred", "ref"}, "metrics", "notes"}``:
+    ``labels`` are the conventions applied (``auto`` resolved), ``metrics`` has right, left
+    and lung, or only lung when a map has no sides (``notes`` say so). A value outside a
+    convention raises :class:`~medseg.errors.InputError` naming the file and the values."""
+    p_conv = LabelConvention.parse(pred_labels)
+    r_conv = LabelConvention.parse(ref_labels)
+    pred_path, ref_path = Path(pred_path), Path(ref_path)
+    pred, ref = _labels(pred_path), _labels(ref_path)
+    _check_grids(pred, ref)
+    p = _resolve(pred, p_conv, "prediction", pred_path, flags[0])
+    r = _resolve(ref, r_conv, "reference", ref_path, flags[1])
+    score = score_resolved(p, r, pred.spacing[::-1], pred_flag=flags[0])
     return {"pred": str(pred_path), "ref": str(ref_path),
-            "metrics": metrics_on_same_grid(pred, ref)}
+            "labels": {"pred": score.pred_labels, "ref": score.ref_labels},
+            "metrics": score.metrics, "notes": list(score.notes)}
 
 
 def _case_id(path: Path) -> str:
@@ -84,29 +113,48 @@ class CohortResult:
     @property
     def failed(self) -> list[str]:
         acc = self.accumulator
-        return [c for c in acc.case_ids if any(acc.failed(c, lab) for lab in acc.labels())]
+        return [c for c in acc.case_ids if any(acc.failed(c, lab)
+                                                for lab in acc.case_labels(c))]
 
 
 def evaluate_cohort(pred_dir: str | Path, ref_dir: str | Path, out_dir: str | Path | None,
-                    *, title: str = "Cohort validation") -> CohortResult:
+                    *, title: str = "Cohort validation",
+                    pred_labels: str | LabelConvention = DEFAULT_PRED_LABELS,
+                    ref_labels: str | LabelConvention = DEFAULT_REF_LABELS,
+                    flags: tuple[str, str] = PY_FLAGS) -> CohortResult:
     """Every reference in ``ref_dir`` scored against its prediction; a missing or unusable
-    prediction is scored as an empty mask (a failure, with the reason in the notes), so it
-    counts in the statistics. Writes the cohort report into ``out_dir`` if given."""
+    prediction (unreadable, on another grid, or holding values ``pred_labels`` does not
+    name) is scored as an empty mask (a failure, with the reason in the notes), so it
+    counts in the statistics. A reference holding values ``ref_labels`` does not name is
+    an error of the run (:class:`~medseg.errors.InputError` naming it): the convention must
+    be given. Notes also say when a case was scored as ``lung`` only. Writes the cohort
+    report into ``out_dir`` if given."""
     from medseg.report import write_cohort_report
 
+    p_conv = LabelConvention.parse(pred_labels)
+    r_conv = LabelConvention.parse(ref_labels)
     pairs, unmatched = match_pairs(Path(pred_dir), Path(ref_dir))
     result = CohortResult(CohortAccumulator(), unmatched_predictions=unmatched)
     for cid, (pred_path, ref_path) in pairs.items():
         ref = _labels(ref_path)
+        r = _resolve(ref, r_conv, "reference", ref_path, flags[1])
+        notes: list[str] = []
         try:
             if pred_path is None:
                 raise NotFoundError("no prediction for this reference", path=Path(pred_dir))
-            metrics = metrics_on_same_grid(_labels(pred_path), ref)
+            pred = _labels(pred_path)
+            _check_grids(pred, ref)
+            score: LabelScore = score_resolved(
+                _resolve(pred, p_conv, "prediction", pred_path, flags[0]), r,
+                pred.spacing[::-1], pred_flag=flags[0])
         except MedsegError as exc:
-            result.notes[cid] = f"scored as an empty prediction: {exc}"
-            metrics = label_metrics(np.zeros(ref.shape, np.uint8), ref.array,
-                                    ref.spacing[::-1])
-        result.accumulator.add(cid, metrics)
+            notes.append(f"scored as an empty prediction: {exc}")
+            empty = resolve_labels(np.zeros(ref.shape, np.uint8), p_conv, role="prediction")
+            score = score_resolved(empty, r, ref.spacing[::-1], pred_flag=flags[0])
+        notes.extend(n for n in score.notes if n not in notes)
+        if notes:
+            result.notes[cid] = "; ".join(notes)
+        result.accumulator.add(cid, score.metrics)
     if out_dir is not None:
         result.outputs = write_cohort_report(result.accumulator, out_dir, title=title,
                                              notes=result.notes)

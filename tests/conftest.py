@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,36 @@ def shared_data_dir() -> Path:
 def shared_data() -> Path:
     root = shared_data_dir()
     if not root.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(f"CI must have the shared data, not found at {root}")
         pytest.skip(f"shared data not found at {root} (set MEDSEG_SHARED_DATA)")
     return root
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def missing(what: str) -> None:
+    """Skip the test naming what is missing, or fail it under CI=true, where everything the
+    tests need is installed by the project's own files (``.ci/``)."""
+    if in_ci():
+        pytest.fail(f"CI must have {what}")
+    pytest.skip(f"{what} not present")
+
+
 def need(root: Path, rel: str) -> Path:
-    """A path under the shared data, or skip the test naming what is missing."""
+    """A path under the shared data (skipped when absent, a failure under CI)."""
     p = root / rel
     if not p.exists():
-        pytest.skip(f"{p} not present")
+        missing(str(p))
     return p
+
+
+def need_tool(name: str) -> str:
+    """An executable on PATH (skipped when absent, a failure under CI)."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"the {name} executable")
+        raise AssertionError  # unreachable: missing() skips or fails
+    return path

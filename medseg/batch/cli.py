@@ -13,10 +13,12 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
 from medseg.batch.runner import BatchConfig, BatchResult, Progress, run_batch
+from medseg.batch.state import ERROR_KINDS, StudyRow
 from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_MODEL
 from medseg.pacs.cli import add_batch_arguments, batch_options
@@ -71,11 +73,18 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _kinds(failed: list[StudyRow]) -> str:
+    """`` (1 input, 2 machine)``: the failures by kind (``error_kind``), or nothing."""
+    counts = Counter(r.error_kind or "unknown" for r in failed)
+    order = [*ERROR_KINDS, "unknown"]
+    return f" ({', '.join(f'{counts[k]} {k}' for k in order if counts[k])})" if counts else ""
+
+
 def _print_summary(result: BatchResult) -> None:
     done, failed = result.done, result.failed
     print(f"batch: {_studies(len(result.rows))} in {result.out_dir}: {len(done)} done "
           f"({len(set(result.processed) & {r.study_id for r in done})} this run, "
-          f"{len(result.skipped)} already done), {len(failed)} failed; "
+          f"{len(result.skipped)} already done), {len(failed)} failed{_kinds(failed)}; "
           f"{result.seconds:.1f} s")
     totals = [float(r.result["volumes_ml"]["total"]) for r in done
               if r.result.get("volumes_ml")]
@@ -107,13 +116,17 @@ def _print_failures(result: BatchResult, config: BatchConfig, stream: TextIO) ->
     if not failed:
         return
     width = max(len("study"), *(len(r.study_id) for r in failed))
-    print(f"medseg: error: {len(failed)} of {_studies(len(result.rows))} failed:",
-          file=stream)
-    print(f"  {'study':<{width}}  attempts  error", file=stream)
+    print(f"medseg: error: {len(failed)} of {_studies(len(result.rows))} failed"
+          f"{_kinds(failed)}:", file=stream)
+    print(f"  {'study':<{width}}  attempts  {'kind':<11}  error", file=stream)
     for r in failed:
         reason = f"{r.error_type or r.status}: {r.error_message or 'not processed'}"
-        print(f"  {r.study_id:<{width}}  {r.attempts:>3}/{config.max_attempts:<4}  {reason}",
-              file=stream)
+        print(f"  {r.study_id:<{width}}  {r.attempts:>3}/{config.max_attempts:<4}  "
+              f"{r.error_kind or '-':<11}  {reason}", file=stream)
+    if any(r.error_kind == "machine" for r in failed):
+        print("  (machine: the disk, memory, permissions or network failed, not the study. "
+              "No attempt was used: free space or memory, fix the permission, and run the "
+              "same command again to retry them.)", file=stream)
     if any(r.study_id in result.exhausted for r in failed):
         print("  (out of attempts: not tried again. Fix the input and run with a higher "
               "--max-attempts to retry them.)", file=stream)

@@ -33,11 +33,21 @@ Design
   Renames, not copies: the staging folder is inside ``OUT_DIR``, on the same file system.
 * **Failures stay per study.** Every exception of a study (medseg errors and unexpected
   ones alike) is caught in :func:`run_study` and recorded; infrastructure failures (a worker
-  process killed, e.g. out of memory) are caught by the coordinator. Errors that are not
-  about the input (unexpected exceptions, output errors, dead workers) may be transient and
-  are retried at once within the run while attempts remain; input errors (a corrupt file,
-  the wrong modality) give the same result every time and are retried only by a later run
-  (after a fix, possibly), up to ``max_attempts`` in total.
+  process killed, e.g. out of memory) are caught by the coordinator. Each failure has a
+  kind (:func:`failure_kind`, recorded as ``error_kind``):
+
+  - ``input``: the study is bad (an :class:`~medseg.errors.InputError`: a corrupt file, the
+    wrong modality; a SEG that cannot be built from it). The same input fails the same way
+    every time: not retried within the run, only by a later run (after a fix, possibly), up
+    to ``max_attempts`` attempts in total.
+  - ``machine``: the machine failed, not the study (an ``OSError`` from the system such as
+    ENOSPC, EACCES or EIO, also wrapped in an ``OutputError``; ``MemoryError``; a worker
+    process that died; a PACS that does not answer or refuses the credentials). It spends no
+    attempt: it is retried at once within the run (at most ``max_attempts`` tries per run,
+    so a full disk cannot loop), and every later run tries it again, e.g. after space was
+    freed.
+  - ``unexpected``: anything else (a bug); may be transient, so retried at once within the
+    run while attempts remain; spends attempts.
 * **One run per output folder**: an exclusive ``flock`` on ``OUT_DIR/batch.lock`` (released
   by the kernel when the process dies, so a killed run never blocks the next).
 """
@@ -63,7 +73,15 @@ from typing import Any
 
 from medseg.batch.sources import StudySpec, discover_studies
 from medseg.batch.state import StateDB, StudyRow, checksum_folder, utc_now, verify_outputs
-from medseg.errors import ConfigError, InputError, MedsegError, OutputError
+from medseg.errors import (
+    ConfigError,
+    InputError,
+    MedsegError,
+    OutputError,
+    PacsAuthError,
+    PacsConnectionError,
+    PacsNotFoundError,
+)
 from medseg.pacs.options import PACS_CACHE_NAME, PacsBatchOptions, is_dicomweb_source
 
 __all__ = [
@@ -73,6 +91,7 @@ __all__ = [
     "BatchResult",
     "Progress",
     "StudyTask",
+    "failure_kind",
     "model_loads",
     "run_batch",
     "run_study",
@@ -83,6 +102,8 @@ STATE_NAME = "batch.sqlite"
 STAGING_NAME = ".staging"
 LOCK_NAME = "batch.lock"
 METHODS = ("unet", "threshold")
+#: Kinds of failure (see the module docstring and :data:`medseg.batch.state.ERROR_KINDS`).
+INPUT, MACHINE, UNEXPECTED = "input", "machine", "unexpected"
 
 
 @dataclass(frozen=True)
@@ -194,11 +215,38 @@ def _study_result(staging: Path, summary: dict[str, Any]) -> dict[str, Any]:
             "dice": dice}
 
 
+def _caused_by_the_system(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is an error of the operating
+    system (an ``OSError`` with an errno: no space, no permission, I/O error ...) or memory.
+    An ``OSError`` without an errno (e.g. ``gzip.BadGzipFile``) is about the data."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None):
+            return True
+        e = e.__cause__
+    return False
+
+
+def failure_kind(exc: BaseException) -> str:
+    """``"input"``, ``"machine"`` or ``"unexpected"``: whose fault a study's failure is
+    (see the module docstring)."""
+    if isinstance(exc, (InputError, ConfigError, PacsNotFoundError)):
+        return INPUT
+    if isinstance(exc, (PacsConnectionError, PacsAuthError)) or _caused_by_the_system(exc):
+        return MACHINE
+    if isinstance(exc, OutputError):  # not the system's: the SEG/SR cannot be made of it
+        return INPUT
+    return UNEXPECTED
+
+
 def run_study(task: StudyTask) -> dict[str, Any]:
     """Segment one study into ``task.staging`` (runs on a worker). Never raises for a
     problem of the study: returns ``{"status": "done", "outputs": {name: {sha256, size}},
-    "result": ...}`` or ``{"status": "failed", "error_type", "error_message", "traceback",
-    "retryable"}``, with ``started_at``, ``seconds``, ``worker`` and ``model_loads``."""
+    "result": ...}`` or ``{"status": "failed", "error_type", "error_message", "error_kind",
+    "traceback", "retryable"}``, with ``started_at``, ``seconds``, ``worker`` and
+    ``model_loads``."""
     from medseg.segment import segment_study
 
     started_at, t0 = utc_now(), time.perf_counter()
@@ -226,9 +274,10 @@ def run_study(task: StudyTask) -> dict[str, Any]:
         message = str(exc)
         if not expected or task.source not in message:
             message = f"{task.source}: {message}"
+        kind = failure_kind(exc)
         out.update(status="failed", error_type=type(exc).__name__, error_message=message,
-                   traceback=None if expected else traceback.format_exc(),
-                   retryable=not isinstance(exc, (InputError, ConfigError)))
+                   error_kind=kind, traceback=None if expected else traceback.format_exc(),
+                   retryable=kind != INPUT)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     out["model_loads"] = _MODEL_LOADS
     return out
@@ -322,7 +371,7 @@ class _Dask:
 
 def _lost_task(task: StudyTask, exc: BaseException) -> dict[str, Any]:
     """The result of a task that did not come back (its worker died, it was cancelled, it
-    could not be unpickled): recorded like a failure, and retryable."""
+    could not be unpickled): a failure of the machine, retryable."""
     name = type(exc).__name__
     if name == "KilledWorker":
         reason = ("the worker process died while running this study (out of memory?); "
@@ -331,6 +380,7 @@ def _lost_task(task: StudyTask, exc: BaseException) -> dict[str, Any]:
         reason = f"the task did not complete: {name}: {exc}"
     return {"study_id": task.study_id, "status": "failed", "error_type": name,
             "error_message": f"{task.source}: {reason}",
+            "error_kind": MACHINE,
             "traceback": "".join(traceback.format_exception(exc)), "retryable": True,
             "started_at": None, "seconds": None, "worker": None, "model_loads": None}
 
@@ -438,15 +488,20 @@ def _exclusive(out: Path) -> Iterator[None]:
         fh.close()
 
 
-#: What a study folder may hold: the outputs of ``segment_study`` and its temporary files.
+#: What a study folder may hold: the outputs of ``segment_study`` (its ``OUTPUT_NAMES``,
+#: not imported: that would load the segmentation stack into every ``medseg`` command; a
+#: test keeps the two equal) and its temporary files.
 _OUTPUT_NAMES = frozenset({"lungs.nii.gz", "segment.json", "report.json", "report.html",
                            "report.csv", "lungs.seg.dcm", "lungs.sr.dcm"})
 
 
 def _is_study_output(path: Path) -> bool:
-    """Whether ``path`` holds nothing but study outputs (or is empty)."""
-    return all(p.is_file() and (p.name in _OUTPUT_NAMES or ".partial" in p.name)
-               for p in path.iterdir())
+    """Whether ``path`` holds nothing but study outputs (or is empty): their files, partial
+    files, and the lock, staging and commit folders of an interrupted ``medseg segment``."""
+    from medseg.io._atomic import is_unit_leftover
+
+    return all((p.is_file() and (p.name in _OUTPUT_NAMES or ".partial" in p.name))
+               or is_unit_leftover(p.name) for p in path.iterdir())
 
 
 def _remove(path: Path, trash: Path) -> None:
@@ -555,12 +610,12 @@ def _record(db: StateDB, task: StudyTask, res: dict[str, Any], out: Path) -> dic
                     "see the output folder under the same path (a shared file system)?",
                     path=staging)
             _promote(staging, out / task.study_id, out / STAGING_NAME)
-        except OutputError as exc:
+        except OutputError as exc:  # the shared file system or the folder: not the study
             res = dict(res, status="failed", error_type="OutputError", retryable=True,
-                       traceback=None, error_message=str(exc))
+                       error_kind=MACHINE, traceback=None, error_message=str(exc))
         except OSError as exc:
             res = dict(res, status="failed", error_type="OutputError", retryable=True,
-                       traceback=None, error_message=str(OutputError(
+                       error_kind=MACHINE, traceback=None, error_message=str(OutputError(
                            f"cannot move the finished study into place: {exc.strerror}",
                            path=out / task.study_id)))
         else:
@@ -571,8 +626,10 @@ def _record(db: StateDB, task: StudyTask, res: dict[str, Any], out: Path) -> dic
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OutputError):  # not ours to delete: the failure is recorded
         _remove(out / task.study_id, out / STAGING_NAME)
+    kind = res.get("error_kind") or UNEXPECTED
     db.mark_failed(task.study_id, str(res.get("error_type") or "Error"),
-                   str(res.get("error_message") or ""), traceback=res.get("traceback"),
+                   str(res.get("error_message") or ""), error_kind=kind,
+                   spend_attempt=kind != MACHINE, traceback=res.get("traceback"),
                    started_at=res.get("started_at"), seconds=res.get("seconds"),
                    worker=res.get("worker"), model_loads=res.get("model_loads"))
     return res
@@ -588,6 +645,7 @@ def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchCon
     queue = deque(todo)
     in_flight: dict[str, StudyTask] = {}
     processed: list[str] = []
+    machine_tries: dict[str, int] = {}  # this run's machine failures per study (no attempts)
     staging_root = out / STAGING_NAME
     try:
         while queue or in_flight:
@@ -612,10 +670,17 @@ def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchCon
             processed.append(task.study_id)
             status[task.study_id] = str(res["status"])
             row = db.get(task.study_id)
-            if (res["status"] == "failed" and res.get("retryable") and row is not None
+            again = None
+            if res["status"] == "failed" and res.get("error_kind") == MACHINE:
+                tries = machine_tries[task.study_id] = machine_tries.get(task.study_id, 0) + 1
+                if tries < config.max_attempts:
+                    again = (f"a failure of the machine, not the study: trying again (try "
+                             f"{tries + 1} of {config.max_attempts} in this run)")
+            elif (res["status"] == "failed" and res.get("retryable") and row is not None
                     and row.attempts < config.max_attempts):
-                log(f"{task.study_id}: {res['error_type']}: trying again "
-                    f"(attempt {row.attempts + 1} of {config.max_attempts})")
+                again = f"trying again (attempt {row.attempts + 1} of {config.max_attempts})"
+            if again is not None:
+                log(f"{task.study_id}: {res['error_type']}: {again}")
                 status[task.study_id] = "retrying"
                 queue.append(next(s for s in todo if s.study_id == task.study_id))
             report()

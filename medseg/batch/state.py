@@ -11,15 +11,25 @@ Status of a study::
 
     pending ──submit──> running ──> done      outputs recorded with checksums
                            │
-                           └──────> failed    error type + message (+ traceback when the
-                                              error was not a medseg error)
+                           └──────> failed    error type, message and kind (+ traceback
+                                              when the error was not a medseg error)
 
-``attempts`` counts every try, across runs. A study left ``running`` by a run that was
-killed is turned into ``failed`` with the error type ``Interrupted`` when the next run opens
-the database; the attempt it used counts, so a study that kills the whole run (e.g. a crash
-in native code when running in-process) cannot make every later run crash in turn: it runs
-out of attempts like any other failure. A run stopped with Ctrl-C gives its attempts back
+``attempts`` counts the tries a study can be blamed for, across runs. ``error_kind`` says
+whose fault a failure was: ``input`` (the study: a damaged or unsuitable input; the same
+input fails the same way again), ``machine`` (the disk, memory, permissions, the network or
+a worker process that died: not the study's fault), ``unexpected`` (an error medseg did not
+foresee: a bug) or ``interrupted`` (below). A ``machine`` failure gives its attempt back
+(:meth:`StateDB.mark_failed` with ``spend_attempt=False``), so after the space is freed or
+the permission fixed, the next run tries the study again however often the machine failed.
+A study left ``running`` by a run that was killed is turned into ``failed`` with the error
+type ``Interrupted`` (kind ``interrupted``) when the next run opens the database; the
+attempt it used counts, so a study that kills the whole run (e.g. a crash in native code
+when running in-process) cannot make every later run crash in turn: it runs out of attempts
+like any other failure. A run stopped with Ctrl-C gives its attempts back
 (:meth:`StateDB.release`), as that is not the study's fault.
+
+Schema versions: 1 had no ``error_kind``; a version-1 database is upgraded in place (the
+column added, empty for earlier failures) when a run opens it.
 
 Timestamps are UTC, ISO 8601 with seconds.
 """
@@ -38,11 +48,13 @@ from typing import Any
 
 from medseg.errors import OutputError
 
-__all__ = ["SCHEMA_VERSION", "StateDB", "StudyRow", "checksum_folder", "utc_now",
+__all__ = ["ERROR_KINDS", "SCHEMA_VERSION", "StateDB", "StudyRow", "checksum_folder", "utc_now",
            "verify_outputs"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "done", "failed")
+#: Values of ``studies.error_kind`` (module docstring).
+ERROR_KINDS = ("input", "machine", "unexpected", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -58,6 +70,7 @@ CREATE TABLE IF NOT EXISTS studies (
     attempts      INTEGER NOT NULL DEFAULT 0,
     error_type    TEXT,
     error_message TEXT,
+    error_kind    TEXT,
     traceback     TEXT,
     started_at    TEXT,
     finished_at   TEXT,
@@ -128,6 +141,7 @@ class StudyRow:
     attempts: int
     error_type: str | None = None
     error_message: str | None = None
+    error_kind: str | None = None
     traceback: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -157,6 +171,10 @@ class StateDB:
                     "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                                      (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:  # upgrade: version 2 added error_kind
+                    self.conn.execute("ALTER TABLE studies ADD COLUMN error_kind TEXT")
+                    self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                       (str(SCHEMA_VERSION),))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise OutputError(
@@ -225,7 +243,8 @@ class StateDB:
             self.conn.execute(
                 "UPDATE studies SET status = 'failed', error_type = 'Interrupted', "
                 "error_message = 'the run stopped (killed?) while this study was being "
-                "processed', traceback = NULL, finished_at = NULL WHERE status = 'running'")
+                "processed', error_kind = 'interrupted', traceback = NULL, "
+                "finished_at = NULL WHERE status = 'running'")
         return ids
 
     def sync(self, study_id: str, source: str, reference: str | None, params: str) -> str:
@@ -248,8 +267,9 @@ class StateDB:
             self.conn.execute(
                 "UPDATE studies SET source = ?, reference = ?, params = ?, "
                 "status = 'pending', attempts = 0, error_type = NULL, error_message = NULL, "
-                "traceback = NULL, started_at = NULL, finished_at = NULL, seconds = NULL, "
-                "worker = NULL, model_loads = NULL, result = NULL WHERE study_id = ?",
+                "error_kind = NULL, traceback = NULL, started_at = NULL, finished_at = NULL, "
+                "seconds = NULL, worker = NULL, model_loads = NULL, result = NULL "
+                "WHERE study_id = ?",
                 (source, reference, params, study_id))
             return "changed"
 
@@ -260,7 +280,8 @@ class StateDB:
             self.conn.execute("DELETE FROM outputs WHERE study_id = ?", (study_id,))
             self.conn.execute(
                 "UPDATE studies SET status = 'pending', attempts = 0, "
-                "error_type = 'OutputsChanged', error_message = ?, traceback = NULL "
+                "error_type = 'OutputsChanged', error_message = ?, error_kind = NULL, "
+                "traceback = NULL "
                 "WHERE study_id = ?", (reason, study_id))
 
     def mark_running(self, study_id: str) -> int:
@@ -285,24 +306,33 @@ class StateDB:
                  for name, rec in sorted(outputs.items())])
             self.conn.execute(
                 "UPDATE studies SET status = 'done', error_type = NULL, error_message = NULL, "
-                "traceback = NULL, started_at = COALESCE(?, started_at), finished_at = ?, "
-                "seconds = ?, worker = ?, model_loads = ?, result = ? WHERE study_id = ?",
+                "error_kind = NULL, traceback = NULL, started_at = COALESCE(?, started_at), "
+                "finished_at = ?, seconds = ?, worker = ?, model_loads = ?, result = ? "
+                "WHERE study_id = ?",
                 (started_at, utc_now(), seconds, worker, model_loads,
                  json.dumps(result, sort_keys=True), study_id))
 
     def mark_failed(self, study_id: str, error_type: str, error_message: str, *,
+                    error_kind: str | None = None, spend_attempt: bool = True,
                     traceback: str | None = None, started_at: str | None = None,
                     seconds: float | None = None, worker: str | None = None,
                     model_loads: int | None = None) -> None:
+        """Record a failed attempt; ``error_kind`` is one of :data:`ERROR_KINDS`. With
+        ``spend_attempt=False`` (a failure of the machine, not of the study) the attempt
+        :meth:`mark_running` counted is given back."""
+        if error_kind is not None and error_kind not in ERROR_KINDS:
+            raise ValueError(f"error_kind must be one of {', '.join(ERROR_KINDS)}, got "
+                             f"{error_kind!r}")
         with self._tx():
             self.conn.execute("DELETE FROM outputs WHERE study_id = ?", (study_id,))
             self.conn.execute(
                 "UPDATE studies SET status = 'failed', error_type = ?, error_message = ?, "
-                "traceback = ?, started_at = COALESCE(?, started_at), finished_at = ?, "
+                "error_kind = ?, attempts = MAX(attempts - ?, 0), traceback = ?, "
+                "started_at = COALESCE(?, started_at), finished_at = ?, "
                 "seconds = ?, worker = ?, model_loads = ?, result = NULL "
                 "WHERE study_id = ?",
-                (error_type, error_message, traceback, started_at, utc_now(), seconds, worker,
-                 model_loads, study_id))
+                (error_type, error_message, error_kind, 0 if spend_attempt else 1, traceback,
+                 started_at, utc_now(), seconds, worker, model_loads, study_id))
 
     def release(self, study_id: str) -> None:
         """Undo :meth:`mark_running` for a study the user interrupted (Ctrl-C): back to

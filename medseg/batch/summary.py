@@ -13,8 +13,6 @@ nothing is recomputed, so the validation of a 1000-study cohort costs seconds.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,13 +60,11 @@ def summary_rows(rows: list[StudyRow]) -> list[dict[str, Any]]:
 
 def write_summary(out: Path, rows: list[StudyRow]) -> Path:
     """Write ``out/summary.csv`` atomically."""
+    from medseg.report._csv import csv_text
     from medseg.report._render import write_text
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary_rows(rows))
-    return write_text(out / "summary.csv", buf.getvalue())
+    # csv_text escapes cells against formula injection (a study id "=..." stays text)
+    return write_text(out / "summary.csv", csv_text(summary_rows(rows), SUMMARY_COLUMNS))
 
 
 @dataclass
@@ -98,7 +94,7 @@ def write_validation(out: Path, rows: list[StudyRow],
                      log: Callable[[str], None]) -> Validation | None:
     """Score the studies that have a reference and write ``out/validation/``; ``None`` when
     no study has one."""
-    from medseg.evaluate import CohortAccumulator, label_metrics
+    from medseg.evaluate import CohortAccumulator, score_label_maps
     from medseg.report import write_cohort_report
     from medseg.validation import _labels
 
@@ -112,12 +108,12 @@ def write_validation(out: Path, rows: list[StudyRow],
         if metrics is None:
             try:
                 ref = _labels(Path(r.reference or ""))
+                metrics = score_label_maps(np.zeros(ref.shape, np.uint8), ref.array,
+                                           ref.spacing[::-1], ref_path=r.reference).metrics
             except MedsegError as exc:
                 log(f"{r.study_id}: not in the validation report: its reference cannot be "
-                    f"read: {exc}")
+                    f"used: {exc}")
                 continue
-            metrics = label_metrics(np.zeros(ref.shape, np.uint8), ref.array,
-                                    ref.spacing[::-1])
             reason = (f"{r.error_type}: {r.error_message}" if r.status != "done"
                       else "no metrics in report.json")
             notes[r.study_id] = f"scored as an empty prediction: segmentation failed: {reason}"

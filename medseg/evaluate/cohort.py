@@ -161,6 +161,10 @@ class CohortAccumulator:
         ordered = [m for m in names if m in found]
         return ordered + [m for m in found if m not in names]
 
+    def case_labels(self, case_id: str) -> list[str]:
+        """The labels scored for ``case_id`` (a case scored as "lung" only has no sides)."""
+        return list(self._cases[case_id])
+
     def failed(self, case_id: str, label: str) -> bool:
         """Whether ``case_id`` failed for ``label`` (Dice 0 or an infinite distance)."""
         return _is_failed(self._cases[case_id][label])

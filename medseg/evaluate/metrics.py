@@ -82,6 +82,8 @@ METRIC_NAMES: Final = ("dice", "iou", "hd", "hd95", "assd", "nsd", "volume_diff_
 #: are computed in floating point from coordinates ``index * spacing``, so a distance that is
 #: exactly tau in exact arithmetic may come out one ulp above it.
 _TIE_RTOL: Final = 1e-9
+#: Label maps whose values lie in [0, this) are scanned for their values with a bincount.
+_BINCOUNT_LIMIT: Final = 1 << 20
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
@@ -164,6 +166,44 @@ def _prepare(
     if a.ndim == 0:
         raise InputError("pred and ref must have at least one axis, got 0-d arrays")
     return a, b, _check_spacing(spacing, a.ndim)
+
+
+def distinct_values(arr: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """The distinct values of an integer (or boolean) array, sorted, as int64.
+
+    A count over the value range (``np.bincount``) where that range is small, which is
+    several times faster than ``np.unique``'s sort on a whole CT label map.
+    """
+    a = np.asarray(arr)
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    if a.dtype == np.bool_:
+        a = a.view(np.uint8)
+    lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi < _BINCOUNT_LIMIT and a.dtype.itemsize <= 4:
+        if lo == hi:
+            return np.array([lo], np.int64)
+        return np.flatnonzero(np.bincount(a.ravel(), minlength=hi + 1)).astype(np.int64)
+    return np.unique(a).astype(np.int64)
+
+
+def _check_label_values(name: str, arr: npt.NDArray[Any], allowed: set[int],
+                        groups: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse a label map holding values no group names (they would score as background)."""
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi - lo <= 64 and all(v in allowed for v in range(lo, hi + 1)):
+        return  # every value in [lo, hi] is named: no need to list them
+    extra = [int(v) for v in distinct_values(arr) if int(v) not in allowed]
+    if extra:
+        shown = ", ".join(str(v) for v in extra[:16]) + (
+            f", ... ({len(extra)} in all)" if len(extra) > 16 else "")
+        raise InputError(
+            f"{name} holds label value(s) {shown} that no label group names (groups "
+            f"{dict(groups)}): they would be scored as background. Read the map through its "
+            "label convention with medseg.evaluate.score_label_maps (e.g. ref_labels="
+            "'lung=255' or 'cip'), or pass labels= naming every lung value")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -434,6 +474,11 @@ def label_metrics(
     "nsd": ..., "volume_diff_ml": ...}}`` for each group of ``labels``; by default
     ``{"right": (1,), "left": (2,), "lung": (1, 2)}``, where "lung" is both lungs as one mask.
     ``spacing`` is in array axis order, mm.
+
+    A value other than 0 that no group names is an :class:`InputError` listing the values
+    (it would silently count as background: a 0/255 reference would score Dice 0). For maps
+    in another convention (binary, 255, CIP) use
+    :func:`medseg.evaluate.score_label_maps`, which reads them through a stated convention.
     """
     p = np.asarray(pred_labels)
     r = np.asarray(ref_labels)
@@ -451,6 +496,7 @@ def label_metrics(
     groups = {name: tuple(int(v) for v in vals) for name, vals in labels.items()}
     if any(0 in vals or not vals for vals in groups.values()):
         raise InputError(f"label groups must be non-empty and must not contain 0, got {groups}")
+    allowed = {0, *(v for vals in groups.values() for v in vals)}
     # Crop both maps once to the joint box of all non-zero labels: each group's masks are
     # then made from the small crop, not from the whole volume.
     box = _union_box(_bbox(p), _bbox(r))
@@ -460,6 +506,9 @@ def label_metrics(
     else:
         p = p[tuple(slice(0, 0) for _ in range(p.ndim))]
         r = r[tuple(slice(0, 0) for _ in range(r.ndim))]
+    # Every non-zero voxel is inside the box: check the values on the crops.
+    _check_label_values("pred_labels", p, allowed, groups)
+    _check_label_values("ref_labels", r, allowed, groups)
     out: dict[str, dict[str, float]] = {}
     for name, vals in groups.items():
         a = p == vals[0] if len(vals) == 1 else np.isin(p, vals)

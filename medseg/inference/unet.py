@@ -73,6 +73,9 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     orient = orientation_transform()
     oriented = cast(MetaTensor, orient({"image": to_metatensor(volume)})["image"])
     n_slices = int(oriented.shape[-1])
+    # slice spacing of the oriented volume (its third axis) sets the context step
+    step = spec.context_step(float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2])))
+    reach = ctx * step
     labels_oriented = torch.zeros(tuple(oriented.shape[1:]), dtype=torch.uint8)
     pre = slab_transform(pixel_spacing_mm=spec.pixel_spacing_mm)
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
@@ -85,17 +88,17 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     done = 0
     for k0 in range(0, n_slices, settings.slab_slices):
         k1 = min(n_slices, k0 + settings.slab_slices)
-        lo, hi = max(0, k0 - ctx), min(n_slices, k1 + ctx)
+        lo, hi = max(0, k0 - reach), min(n_slices, k1 + reach)
         ta = time.perf_counter()
         img = cast(MetaTensor, pre({"image": slab_as_2d(oriented, lo, hi)})["image"])
         x = img.as_tensor()  # (hi - lo, I', J')
         # replicate edge slices so every core slice has its neighbours
-        pad_lo, pad_hi = ctx - (k0 - lo), ctx - (hi - k1)
+        pad_lo, pad_hi = reach - (k0 - lo), reach - (hi - k1)
         if pad_lo or pad_hi:
             x = torch.cat([x[:1]] * pad_lo + [x] + [x[-1:]] * pad_hi, dim=0)
         n_core = k1 - k0
         # (1, C, I', J', n_core): each core slice with its neighbours as channels
-        x = torch.stack([x[s:s + n_core] for s in range(2 * ctx + 1)], dim=0)
+        x = torch.stack([x[s * step:s * step + n_core] for s in range(2 * ctx + 1)], dim=0)
         x = x.permute(0, 2, 3, 1)[None]
         tb = time.perf_counter()
         with torch.inference_mode():

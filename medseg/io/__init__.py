@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medseg.errors import ConfigError, NotFoundError
 from medseg.io._atomic import atomic_output
-from medseg.io.dicom import DicomScan, load_dicom, scan_dicom
+from medseg.io.dicom import DicomScan, load_dicom, scan_dicom, verify_chosen
 from medseg.io.itkformats import from_sitk, read_itk, to_sitk, write_itk
 from medseg.io.nifti import read_nifti, write_nifti
 from medseg.io.padding import correct_padding
@@ -25,6 +25,7 @@ __all__ = [
     "save",
     "scan_dicom",
     "to_sitk",
+    "verify_chosen",
 ]
 
 _ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
@@ -53,6 +54,11 @@ def load(path: str | Path, *, series: str | None = None) -> CTVolume:
     Every format ends here: scanner padding outside the reconstruction circle (values at or
     below -1500 HU connected to the slice border) becomes -1024 HU, air, and is recorded in
     ``metadata.corrections`` (:mod:`medseg.io.padding`; DICOM also honours PixelPaddingValue).
+
+    Headers are checked before they are trusted (:mod:`medseg.io.limits`: spacing, extent,
+    voxel count against the file size and a memory budget; for DICOM also every slice's pixel
+    storage and rescale, and each CT slice's values): a failed check raises a
+    :class:`~medseg.errors.InputError` subclass naming the file (and slice).
     """
     fmt = detect_format(path)
     if series is not None and fmt != "dicom":

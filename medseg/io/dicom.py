@@ -19,6 +19,17 @@ What this module decides, and why (see also ``docs/concepts/dicom-loading.md``):
   echoes in one series), **a single slice** and **missing position/orientation tags** are
   *refused* with a :mod:`medseg.errors` exception naming the folder, series and reason:
   interpolating across missing anatomy or guessing geometry would fabricate data.
+* **One bad slice** is refused, naming the slice's file, before its pixels are trusted:
+  a header that does not describe its pixel data (the PixelData length differs from
+  Rows x Columns x BitsAllocated), a pixel storage (BitsAllocated, PixelRepresentation,
+  PhotometricInterpretation) that differs from the rest of the series,
+  a RescaleSlope of 0 or a non-finite rescale, an implausible PixelSpacing (:mod:`.limits`),
+  a file of the series that cannot be read as a slice. Rescale parameters may differ from
+  slice to slice (each slice is converted by its own). Once the pixels are read, a CT slice
+  whose values are mostly outside the CT range, or that differs wildly from both neighbours
+  while they agree with each other, is refused too (:func:`check_slice_values`).
+* **Sizes** (slice spacing, extent, the voxel count against a memory budget) are checked
+  against :mod:`medseg.io.limits` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -50,6 +61,12 @@ from medseg.errors import (
     SeriesSelectionError,
     UnreadableFileError,
 )
+from medseg.io.limits import (
+    SLICE_SPACING_RANGE_MM,
+    check_extent,
+    check_pixel_spacing,
+    check_volume_size,
+)
 from medseg.io.padding import (
     PaddingReport,
     applies_to_modality,
@@ -66,10 +83,12 @@ __all__ = [
     "FrameRecord",
     "SeriesInfo",
     "SkippedFile",
+    "check_slice_values",
     "choose_series",
     "load_dicom",
     "load_series",
     "scan_dicom",
+    "verify_chosen",
 ]
 
 # -- named constants ----------------------------------------------------------------------
@@ -91,6 +110,40 @@ CT_FILL_HU = -1024
 MIN_SLICES = 3
 #: Header elements longer than this are not read during discovery (pixel data is read later).
 _DEFER_SIZE = 2048
+#: Pixel storage medseg reads (PS3.3 C.7.6.3: CT images are 16-bit; 8 and 32 occur elsewhere).
+SUPPORTED_BITS_ALLOCATED = (8, 16, 32)
+#: Grey-scale photometric interpretations (colour images are skipped during discovery).
+GREYSCALE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+#: Per-slice value check of CT (:func:`check_slice_values`). The plausible range of a CT
+#: pixel after the rescale and after scanner padding was set to air: reconstructions floor
+#: at -1024 HU and noise in air stays above about -1200 HU; 4000 HU is above dense bone,
+#: iodine and the standard 12-bit top (3071 HU). Only metal goes beyond (extended scales),
+#: and only in a small part of a slice.
+PLAUSIBLE_CT_HU = (-1200.0, 4000.0)
+#: A CT slice with more than this fraction of its pixels outside :data:`PLAUSIBLE_CT_HU` is
+#: not CT in HU (the rest of the series being CT): refused.
+MAX_OUTSIDE_FRACTION = 0.5
+#: Neighbour check: the mean absolute difference between a slice and each neighbour, against
+#: the difference between the two neighbours themselves (two slice gaps apart, so larger than
+#: either single gap in real anatomy). Measured on every real CT series in ../shared/data
+#: (philips-141, LIDC, LungFCP, RIDER, TotalSegmentator, cip-ct64, dcm-qa-ct GE and Philips):
+#: the ratio is at most 1.04. On the corrupted copies of cip-ct64 and philips-141 the tests
+#: make, one slice re-encoded to 8 bits gives 7.6-8.1, one rescaled 1024 HU off 15-30, one
+#: of random values 24-52. A slice is refused when both its differences exceed this ratio
+#: times its neighbours' and :data:`SLICE_JUMP_MIN_HU`.
+SLICE_JUMP_RATIO = 4.0
+#: ... and exceed this mean absolute difference (HU), so that near-uniform images (phantoms,
+#: air) cannot trip the ratio. Real neighbours differ by 10-150 HU (measured as above, 5 mm
+#: slices of a head the most); the corrupted slices above by 262-1783 HU.
+SLICE_JUMP_MIN_HU = 150.0
+#: The neighbour check needs slices of at least this many pixels: the mean difference of a
+#: few pixels is noise (a 3 x 3 test image), while any CT slice has thousands.
+MIN_NEIGHBOUR_CHECK_PIXELS = 32 * 32
+#: The value check looks at every ``_VALUE_CHECK_STRIDE``-th row and column of slices of
+#: 128 x 128 pixels and more (speed; 128 x 128 sampled that way is 4096 pixels).
+_VALUE_CHECK_STRIDE = 2
+#: Files named in one message; more are counted.
+_MAX_NAMED_FILES = 3
 
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -132,6 +185,13 @@ class FrameRecord:
     transfer_syntax: str
     #: PixelPaddingValue [.. PixelPaddingRangeLimit] as an inclusive range of stored values.
     padding_range: tuple[int, int] | None = None
+    photometric: str | None = None
+    #: Length of the native (not encapsulated) PixelData element of the file, None if unknown.
+    pixel_bytes: int | None = None
+    #: Number of frames the file holds (for the PixelData length check).
+    file_frames: int = 1
+    #: Rescale values as written, where they are not finite numbers (shown when refused).
+    bad_rescale: str | None = None
 
 
 @dataclass
@@ -291,6 +351,41 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals
 
 
+def _rescale(slope: Any, intercept: Any) -> tuple[float, float, str | None]:
+    """(slope, intercept, problem): defaults 1 and 0 when a value is absent; a value that is
+    present but not a finite number is kept as NaN and described in ``problem``."""
+    out: list[float] = []
+    bad: list[str] = []
+    for name, value, default in (("RescaleSlope", slope, 1.0), ("RescaleIntercept",
+                                                                 intercept, 0.0)):
+        if value is None or value == "":
+            out.append(default)
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not np.isfinite(v):
+            bad.append(f"{name} {str(value)!r}")
+            v = float("nan")
+        out.append(v)
+    return out[0], out[1], ("; ".join(bad) or None)
+
+
+def _pixel_bytes(ds: Dataset) -> int | None:
+    """Length of a native PixelData element (None: absent, encapsulated or unknown)."""
+    if "PixelData" not in ds:
+        return None
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    value = getattr(elem, "value", None)
+    if value is not None:
+        return len(value) if isinstance(value, (bytes, bytearray)) else None
+    length = getattr(elem, "length", None)
+    if not isinstance(length, int) or length == 0xFFFFFFFF:
+        return None  # encapsulated (compressed): the decoder checks the frame size
+    return length
+
+
 def _looks_like_dicom(path: Path) -> bool:
     """Preamble + 'DICM', or (for preamble-less files) a first tag in group 0002/0008."""
     try:
@@ -336,6 +431,7 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
         ds, "file_meta") else "1.2.840.10008.1.2"
     rows, cols = int(ds.Rows), int(ds.Columns)
     bits_alloc = int(ds.get("BitsAllocated", 16))
+    n_frames = _int(ds, "NumberOfFrames") or 1
     common: dict[str, Any] = dict(
         path=str(path),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
@@ -347,13 +443,15 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
         bits_stored=int(ds.get("BitsStored", bits_alloc)),
         pixel_representation=int(ds.get("PixelRepresentation", 0)),
         transfer_syntax=ts,
+        photometric=_str(ds, "PhotometricInterpretation"),
+        pixel_bytes=_pixel_bytes(ds),
+        file_frames=n_frames,
     )
     common["padding_range"] = padding_stored_range(
         ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit"),
         pixel_representation=int(ds.get("PixelRepresentation", 0)),
         bits_allocated=bits_alloc, bits_stored=int(ds.get("BitsStored", bits_alloc)))
     offset = _pixel_offset(ds, ts)
-    n_frames = _int(ds, "NumberOfFrames") or 1
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds \
             else None
@@ -362,10 +460,10 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
         out = []
         for i in range(n_frames):
             fg = per_frame[i] if i < len(per_frame) else None
-            slope = _float(_functional(fg, shared, "PixelValueTransformationSequence",
-                                       "RescaleSlope"))
-            intercept = _float(_functional(fg, shared, "PixelValueTransformationSequence",
-                                           "RescaleIntercept"))
+            slope, intercept, bad_rescale = _rescale(
+                _functional(fg, shared, "PixelValueTransformationSequence", "RescaleSlope"),
+                _functional(fg, shared, "PixelValueTransformationSequence",
+                            "RescaleIntercept"))
             out.append(FrameRecord(
                 frame=i,
                 position=_floats(_functional(fg, shared, "PlanePositionSequence",
@@ -374,8 +472,9 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
                                                 "ImageOrientationPatient"), 6),  # type: ignore[arg-type]
                 pixel_spacing=_floats(_functional(fg, shared, "PixelMeasuresSequence",
                                                   "PixelSpacing"), 2),  # type: ignore[arg-type]
-                slope=1.0 if slope is None else slope,
-                intercept=0.0 if intercept is None else intercept,
+                slope=slope,
+                intercept=intercept,
+                bad_rescale=bad_rescale,
                 slice_thickness=_float(_functional(fg, shared, "PixelMeasuresSequence",
                                                    "SliceThickness")),
                 pixel_offset=None if offset is None else offset + i * frame_bytes,
@@ -383,14 +482,14 @@ def _frames_of(ds: Dataset, path: Path) -> list[FrameRecord]:
             ))
         return out
     frames_pos = _floats(ds.get("ImagePositionPatient"), 3)
-    slope = _float(ds.get("RescaleSlope"))
-    intercept = _float(ds.get("RescaleIntercept"))
+    slope, intercept, bad_rescale = _rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     record = dict(
         position=frames_pos,
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-        slope=1.0 if slope is None else slope,
-        intercept=0.0 if intercept is None else intercept,
+        slope=slope,
+        intercept=intercept,
+        bad_rescale=bad_rescale,
         slice_thickness=_float(ds.get("SliceThickness")),
     )
     if n_frames > 1:
@@ -468,6 +567,99 @@ def _series_skip_reason(s: SeriesInfo) -> str | None:
     return None
 
 
+# -- slice header checks ------------------------------------------------------------------
+def _frame_names(frames: Sequence[FrameRecord], among: Sequence[FrameRecord]) -> str:
+    """The files of ``frames`` relative to the series folder (with the frame number for
+    multi-frame files), at most :data:`_MAX_NAMED_FILES` of them, the rest counted."""
+    dirs = {os.path.dirname(f.path) for f in among}
+    root = os.path.commonpath(sorted(dirs)) if dirs else ""
+    names = []
+    for f in frames[:_MAX_NAMED_FILES]:
+        name = os.path.relpath(f.path, root) if root else f.path
+        names.append(name if f.frame is None else f"{name} frame {f.frame + 1}")
+    more = len(frames) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def _frame_problem(f: FrameRecord) -> tuple[type[InputError], str] | None:
+    """Why one frame's header cannot be trusted on its own, or None."""
+    if f.bad_rescale:
+        return PixelDataError, (f"{f.bad_rescale} is not a finite number: its pixels cannot "
+                                "be converted to HU")
+    if f.slope == 0:
+        return PixelDataError, (f"RescaleSlope is 0: every pixel would read {f.intercept:g} "
+                                "HU whatever was measured")
+    if f.bits_allocated not in SUPPORTED_BITS_ALLOCATED:
+        return PixelDataError, (f"BitsAllocated {f.bits_allocated} is not one of "
+                                f"{', '.join(map(str, SUPPORTED_BITS_ALLOCATED))}")
+    if not 1 <= f.bits_stored <= f.bits_allocated:
+        return PixelDataError, (f"BitsStored {f.bits_stored} does not fit BitsAllocated "
+                                f"{f.bits_allocated}")
+    if f.pixel_representation not in (0, 1):
+        return PixelDataError, f"PixelRepresentation {f.pixel_representation} is not 0 or 1"
+    if f.photometric is not None and f.photometric.upper() not in GREYSCALE_PHOTOMETRIC:
+        return PixelDataError, (f"PhotometricInterpretation {f.photometric} is not a "
+                                "grey-scale image")
+    if f.pixel_bytes is not None:
+        need = f.rows * f.columns * f.file_frames * f.bits_allocated // 8
+        if f.pixel_bytes not in (need, need + 1):  # + 1: the pad byte of an odd length
+            return PixelDataError, (
+                f"PixelData holds {f.pixel_bytes} bytes but the header describes "
+                f"{f.file_frames} frame(s) of {f.rows} x {f.columns} pixels of "
+                f"{f.bits_allocated} bits ({need} bytes): the header does not describe its "
+                "pixel data (edited tags or re-encoded pixels)")
+    if f.pixel_spacing is not None:
+        why = check_pixel_spacing(f.pixel_spacing, what="PixelSpacing")
+        if why:
+            return GeometryError, why
+    return None
+
+
+def _storage(f: FrameRecord) -> tuple[int, int, str]:
+    """How a slice stores its pixels; every slice of a series must agree. BitsStored may
+    differ (a PACS that recompresses some slices rewrites it), each slice is read with its
+    own, and the values are checked after the rescale."""
+    return (f.bits_allocated, f.pixel_representation, (f.photometric or "?").upper())
+
+
+def _check_slice_headers(frames: Sequence[FrameRecord]) -> None:
+    """Refuse the series if a slice's header cannot be trusted (named), or if its slices
+    store their pixels differently (the odd ones named)."""
+    bad = [(f, p) for f in frames if (p := _frame_problem(f)) is not None]
+    if bad:
+        exc_type, why = bad[0][1]
+        same = [f for f, (_, w) in bad if w == why]
+        if len(same) == len(frames):
+            raise exc_type(f"every slice: {why}")
+        others = len(bad) - len(same)
+        extra = f"; {others} more slice(s) have other header problems" if others else ""
+        raise exc_type(f"slice file {_frame_names(same, frames)}: {why}{extra}")
+    storages = [_storage(f) for f in frames]
+    counts: dict[tuple[int, int, str], int] = {}
+    for st in storages:
+        counts[st] = counts.get(st, 0) + 1
+    if len(counts) > 1:
+        common = max(counts, key=lambda k: counts[k])
+        odd = [f for f, st in zip(frames, storages, strict=True) if st != common]
+        odd_st = _storage(odd[0])
+
+        def fmt(st: tuple[int, int, str]) -> str:
+            return f"BitsAllocated {st[0]}, PixelRepresentation {st[1]}, {st[2]}"
+        raise PixelDataError(
+            f"slice file {_frame_names(odd, frames)} store(s) pixels as {fmt(odd_st)} where "
+            f"the other {counts[common]} slices use {fmt(common)}: the slices of one series "
+            "are stored alike; a slice stored otherwise was re-encoded or corrupted")
+
+
+def _odd_ones(frames: Sequence[FrameRecord], values: Sequence[Any]) -> list[FrameRecord]:
+    """The frames whose value differs from the most common one."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    common = max(counts, key=lambda k: counts[k])
+    return [f for f, v in zip(frames, values, strict=True) if v != common]
+
+
 # -- geometry checks ----------------------------------------------------------------------
 def _plan_stack(s: SeriesInfo) -> StackPlan:
     """Check the frames of ``s`` form a volume; raise an InputError subclass if not."""
@@ -479,19 +671,30 @@ def _plan_stack(s: SeriesInfo) -> StackPlan:
             f"only {len(frames)} slices: a volume needs at least {MIN_SLICES} so that its "
             "spacing can be checked")
     if any(f.position is None or f.orientation is None for f in frames):
-        n = sum(f.position is None or f.orientation is None for f in frames)
+        lacking = [f for f in frames if f.position is None or f.orientation is None]
         raise GeometryError(
-            f"{n} of {len(frames)} slices lack ImagePositionPatient/ImageOrientationPatient: "
-            "their place in space is unknown")
+            f"{len(lacking)} of {len(frames)} slices lack ImagePositionPatient/"
+            f"ImageOrientationPatient (or hold non-finite values) "
+            f"({_frame_names(lacking, frames)}): their place in space is unknown")
     if any(f.pixel_spacing is None for f in frames):
-        raise GeometryError("PixelSpacing is missing: the in-plane size of a pixel is unknown")
+        lacking = [f for f in frames if f.pixel_spacing is None]
+        raise GeometryError(
+            f"PixelSpacing is missing or not two finite numbers in {len(lacking)} of "
+            f"{len(frames)} slices ({_frame_names(lacking, frames)}): the in-plane size of a "
+            "pixel is unknown")
+    _check_slice_headers(frames)
     shapes = {(f.rows, f.columns) for f in frames}
     if len(shapes) > 1:
-        raise InconsistentOrientationError(f"slices have different sizes {sorted(shapes)}")
+        odd = _odd_ones(frames, [(f.rows, f.columns) for f in frames])
+        raise InconsistentOrientationError(
+            f"slices have different sizes {sorted(shapes)} ({_frame_names(odd, frames)} "
+            "differ from the others)")
     spacings = np.array([f.pixel_spacing for f in frames], float)
     if np.ptp(spacings, axis=0).max() > 1e-4:
+        odd = _odd_ones(frames, [tuple(np.round(r, 4)) for r in spacings.tolist()])
         raise InconsistentOrientationError(
-            f"slices have different PixelSpacing {sorted({tuple(r) for r in spacings.tolist()})}")
+            f"slices have different PixelSpacing {sorted({tuple(r) for r in spacings.tolist()})}"
+            f" ({_frame_names(odd, frames)} differ from the others)")
     iops = np.array([f.orientation for f in frames], float)
     if np.abs(iops - iops[0]).max() > ORIENTATION_TOLERANCE:
         n_orient = len({tuple(np.round(r, 3)) for r in iops})
@@ -530,6 +733,8 @@ def _plan_stack(s: SeriesInfo) -> StackPlan:
     extent = float(dist_sorted[-1] - dist_sorted[0])
     tilt_deg = float(np.degrees(np.arctan2(np.linalg.norm(inplane[-1]), extent)))
     spacing_rc = (float(spacings[0, 0]), float(spacings[0, 1]))
+    in_order = [frames[i] for i in order]
+    _check_stack_extent(in_order, spacing_rc, extent + drift)
     corrections: list[str] = []
 
     median_gap = float(np.median(gaps))
@@ -548,16 +753,68 @@ def _plan_stack(s: SeriesInfo) -> StackPlan:
         corrections.append(
             f"variable slice spacing ({gaps.min():.3f}-{gaps.max():.3f} mm) resampled to a "
             f"regular {_target_gap(gaps):.3f} mm grid")
+    _check_gaps(in_order, gaps)
     tilted = drift > POSITION_TOLERANCE_MM
     if tilted:
         corrections.append(
             f"gantry tilt {tilt_deg:.2f} deg (slices drift {drift:.2f} mm in plane) corrected by "
             "resampling onto a grid aligned with the slice planes")
-    return StackPlan(
+    plan = StackPlan(
         order=[int(i) for i in order], row_dir=row_dir, col_dir=col_dir, normal=normal,
         distances=dist_sorted, gaps=gaps, spacing_rc=spacing_rc, tilt_deg=tilt_deg,
         inplane_drift_mm=drift, regular=uniform and not tilted, corrections=corrections,
     )
+    f0 = frames[0]
+    check_volume_size((len(frames), f0.rows, f0.columns) if plan.regular
+                      else _resampled_shape(positions[order], plan, f0.rows, f0.columns),
+                      path=None)
+    return plan
+
+
+def _check_stack_extent(frames: Sequence[FrameRecord], spacing_rc: tuple[float, float],
+                        length_mm: float) -> None:
+    """Plausible extent (:mod:`medseg.io.limits`) of a stack whose ``frames`` are in order
+    along the normal, ``length_mm`` long (with in-plane drift)."""
+    f0 = frames[0]
+    dr, dc = spacing_rc
+    why = check_extent((f0.columns * dc, f0.rows * dr, length_mm), what="the series")
+    if why:
+        raise GeometryError(f"{why} (slices from {_frame_names([frames[0]], frames)} to "
+                            f"{_frame_names([frames[-1]], frames)})")
+
+
+def _check_gaps(frames: Sequence[FrameRecord], gaps: npt.NDArray[np.float64]) -> None:
+    """Plausible spacing between neighbouring slices (``frames`` in order)."""
+    lo, hi = SLICE_SPACING_RANGE_MM
+    for k, gap in enumerate(gaps):
+        if not lo <= gap <= hi:
+            raise GeometryError(
+                f"slices {k + 1} and {k + 2} of {len(frames)} "
+                f"({_frame_names(frames[k:k + 2], frames)}) are {gap:.6g} mm apart, outside "
+                f"the plausible slice spacing {lo:g}-{hi:g} mm")
+
+
+def _resampled_shape(positions: npt.NDArray[np.float64], plan: StackPlan, rows: int,
+                     cols: int) -> tuple[int, int, int]:
+    """(nk, nj, ni) of the regular grid :func:`_resample_stack` builds."""
+    dr, dc = plan.spacing_rc
+    rel = positions - positions[0]
+    u = rel @ plan.row_dir
+    v = rel @ plan.col_dir
+    d = plan.distances
+    ni = int(np.ceil((u.max() - u.min()) / dc - 1e-6)) + cols
+    nj = int(np.ceil((v.max() - v.min()) / dr - 1e-6)) + rows
+    # ceil: the grid reaches the last slice (the top plane may lie up to one gap beyond it)
+    nk = int(np.ceil((d[-1] - d[0]) / _grid_gap(plan) - 1e-6)) + 1
+    return nk, nj, ni
+
+
+def _grid_gap(plan: StackPlan) -> float:
+    """Slice spacing of the regular grid of a resampled stack."""
+    d = plan.distances
+    if np.allclose(plan.gaps, plan.gaps[0], atol=POSITION_TOLERANCE_MM):
+        return float((d[-1] - d[0]) / (len(d) - 1))
+    return _target_gap(plan.gaps)
 
 
 def _target_gap(gaps: npt.NDArray[np.float64]) -> float:
@@ -595,6 +852,8 @@ def scan_dicom(path: str | Path, *, series_uid: str | None = None) -> DicomScan:
         raise NotFoundError("the folder is empty", path=root)
     skipped: list[SkippedFile] = []
     by_uid: dict[str, SeriesInfo] = {}
+    # Files skipped although they are instances of an image series: (uid, SOP class, skip).
+    broken: list[tuple[str, str | None, SkippedFile]] = []
     # Serial on purpose: header parsing holds the GIL, and threads measured slower here.
     for fpath, ds, reason in map(_read_one, files):
         if ds is None:
@@ -604,17 +863,30 @@ def scan_dicom(path: str | Path, *, series_uid: str | None = None) -> DicomScan:
         uid = _str(ds, "SeriesInstanceUID") or "(no SeriesInstanceUID)"
         if reason is not None:
             skipped.append(SkippedFile(str(fpath), reason, uid))
-            continue
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            skipped.append(SkippedFile(str(fpath), "colour image (SamplesPerPixel > 1)", uid))
+            broken.append((uid, _str(ds, "SOPClassUID"), skipped[-1]))
             continue
         try:
-            frames = _frames_of(ds, fpath)
+            samples = int(ds.get("SamplesPerPixel", 1))
+        except (TypeError, ValueError):
+            samples = 0
+        if samples != 1:
+            skipped.append(SkippedFile(str(fpath), "colour image (SamplesPerPixel > 1)"
+                                       if samples > 1 else "malformed SamplesPerPixel", uid))
+            broken.append((uid, _str(ds, "SOPClassUID"), skipped[-1]))
+            continue
+        try:
+            with warnings.catch_warnings():
+                # pydicom converts values on access and warns about invalid ones (a DS
+                # "NaN"); the checks below judge the values themselves
+                warnings.simplefilter("ignore")
+                frames = _frames_of(ds, fpath)
+                fields = _series_fields(ds) if uid not in by_uid else {}
         except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
             skipped.append(SkippedFile(str(fpath), f"malformed image header: {exc}", uid))
+            broken.append((uid, _str(ds, "SOPClassUID"), skipped[-1]))
             continue
         if uid not in by_uid:
-            by_uid[uid] = SeriesInfo(series_uid=uid, **_series_fields(ds))
+            by_uid[uid] = SeriesInfo(series_uid=uid, **fields)
         by_uid[uid].frames.extend(frames)
 
     series: list[SeriesInfo] = []
@@ -622,6 +894,23 @@ def scan_dicom(path: str | Path, *, series_uid: str | None = None) -> DicomScan:
         reason = _series_skip_reason(s)
         if reason is not None:
             skipped.extend(SkippedFile(f, reason, s.series_uid) for f in s.files)
+            continue
+        # A file of the same series and SOP class that could not be read as a slice: the
+        # series would load without it (a slab short at one end, or a gap), so refuse it.
+        lost = [sk for uid, sop, sk in broken
+                if uid == s.series_uid and sop is not None and sop == s.sop_class_uid]
+        if lost:
+            dirs = {os.path.dirname(f) for f in s.files} | {os.path.dirname(sk.path)
+                                                           for sk in lost}
+            folder = os.path.commonpath(sorted(dirs))
+            names = ", ".join(f"{os.path.relpath(sk.path, folder)} ({sk.reason})"
+                              for sk in lost[:_MAX_NAMED_FILES])
+            more = f" and {len(lost) - _MAX_NAMED_FILES} more" \
+                if len(lost) > _MAX_NAMED_FILES else ""
+            s.problem = (f"{len(lost)} file(s) of this series cannot be read as slices: "
+                         f"{names}{more}; without them the volume would be incomplete")
+            s.error_type = UnreadableFileError
+            series.append(s)
             continue
         try:
             s.plan = _plan_stack(s)
@@ -796,9 +1085,11 @@ def _to_hu(raw: list[npt.NDArray[Any]], frames: Sequence[FrameRecord]) -> npt.ND
                     out[k] = r.astype(np.int32) * int(m) + int(b)
             return out
     outf = np.empty((n, rows, cols), np.float32)
-    for k, (r, m, b) in enumerate(zip(raw, slopes, inters, strict=False)):
-        np.multiply(r, np.float32(m), out=outf[k], casting="unsafe")
-        outf[k] += np.float32(b)
+    # an absurd rescale overflows to inf here; check_slice_values refuses it, naming the slice
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, (r, m, b) in enumerate(zip(raw, slopes, inters, strict=False)):
+            np.multiply(r, np.float32(m), out=outf[k], casting="unsafe")
+            outf[k] += np.float32(b)
     return outf
 
 
@@ -817,13 +1108,8 @@ def _resample_stack(hu: npt.NDArray[Any], positions: npt.NDArray[np.float64], pl
     v = rel @ plan.col_dir
     d = plan.distances
     u_min, v_min = float(u.min()), float(v.min())
-    ni = int(np.ceil((u.max() - u_min) / dc - 1e-6)) + cols
-    nj = int(np.ceil((v.max() - v_min) / dr - 1e-6)) + rows
-    gap = _target_gap(plan.gaps) if not np.allclose(plan.gaps, plan.gaps[0],
-                                                      atol=POSITION_TOLERANCE_MM) \
-        else float((d[-1] - d[0]) / (n - 1))
-    # ceil: the grid reaches the last slice (the top plane may lie up to one gap beyond it)
-    nk = int(np.ceil((d[-1] - d[0]) / gap - 1e-6)) + 1
+    gap = _grid_gap(plan)
+    nk, nj, ni = _resampled_shape(positions, plan, rows, cols)
     out = np.empty((nk, nj, ni), np.float32)
     jj, ii = np.mgrid[0:nj, 0:ni].astype(np.float64)
     for k in range(nk):
@@ -852,8 +1138,7 @@ def load_series(s: SeriesInfo) -> CTVolume:
         raise s.error()
     plan = s.plan
     frames = [s.frames[i] for i in plan.order]
-    hu = _to_hu(_read_frames(frames), frames)
-    padding_corrections = _padding_to_air(hu, frames, s.modality)
+    hu, padding_corrections = _read_checked_slices(s, frames)
     positions = np.array([f.position for f in frames], float)
     if plan.regular:
         gap = float((plan.distances[-1] - plan.distances[0]) / (len(frames) - 1))
@@ -891,6 +1176,98 @@ def load_series(s: SeriesInfo) -> CTVolume:
         corrections=[*padding_corrections, *plan.corrections],
     )
     return CTVolume(array, geometry, meta)
+
+
+def _read_checked_slices(s: SeriesInfo, frames: Sequence[FrameRecord]
+                         ) -> tuple[npt.NDArray[Any], list[str]]:
+    """The slices of ``s`` in HU, in the order of ``frames``, scanner padding set to air,
+    each slice's values checked (CT): everything loading does before any resampling."""
+    try:
+        hu = _to_hu(_read_frames(frames), frames)
+        padding_corrections = _padding_to_air(hu, frames, s.modality)
+        if applies_to_modality(s.modality):
+            check_slice_values(hu, frames)
+    except InputError as exc:
+        if exc.path is None:  # a file-level error already names its file
+            exc.relocate(os.path.commonpath(s.files), s.series_uid)
+        raise
+    return hu, padding_corrections
+
+
+def check_slice_values(hu: npt.NDArray[Any], frames: Sequence[FrameRecord]) -> None:
+    """Refuse a CT slice whose values cannot be a CT slice, naming it (position along the
+    stack and file). ``hu``: the slices in HU (n, rows, cols) in the order of ``frames``,
+    scanner padding already set to air.
+
+    * more than :data:`MAX_OUTSIDE_FRACTION` of its pixels outside :data:`PLAUSIBLE_CT_HU`;
+    * its mean absolute difference from *each* neighbour exceeds :data:`SLICE_JUMP_MIN_HU`
+      and :data:`SLICE_JUMP_RATIO` times the difference between the two neighbours (for the
+      first and last slice: between the next two), i.e. the neighbours agree with each
+      other and not with it: one slice re-encoded, rescaled wrongly or overwritten (slices
+      of at least :data:`MIN_NEIGHBOUR_CHECK_PIXELS` pixels, series of 3 slices and more).
+
+    Raises :class:`~medseg.errors.PixelDataError` (path and series are filled in by the
+    caller).
+    """
+    n, rows, cols = hu.shape
+    step = _VALUE_CHECK_STRIDE if min(rows, cols) >= 128 else 1
+    lo, hi = PLAUSIBLE_CT_HU
+
+    def where(k: int) -> str:
+        return f"slice {k + 1} of {n} ({_frame_names([frames[k]], frames)})"
+
+    sub: list[npt.NDArray[np.float32]] = []
+    for k in range(n):
+        s = np.asarray(hu[k, ::step, ::step], np.float32)
+        outside = float(np.count_nonzero((s < lo) | (s > hi) | ~np.isfinite(s))) / s.size
+        if outside > MAX_OUTSIDE_FRACTION:
+            raise PixelDataError(
+                f"{where(k)}: {100 * outside:.0f} % of its pixels are outside the plausible CT "
+                f"range {lo:g}..{hi:g} HU (median {float(np.median(s)):.6g}): the slice's "
+                "pixel data or its rescale is wrong")
+        sub.append(s)
+    if n < 3 or rows * cols < MIN_NEIGHBOUR_CHECK_PIXELS:
+        return
+
+    def diff(a: int, b: int) -> float:
+        return float(np.mean(np.abs(sub[a] - sub[b])))
+
+    adjacent = [diff(k, k + 1) for k in range(n - 1)]
+    for k in range(n):
+        if k == 0:
+            mine, theirs = adjacent[0], adjacent[1]
+        elif k == n - 1:
+            mine, theirs = adjacent[-1], adjacent[-2]
+        else:
+            mine, theirs = min(adjacent[k - 1], adjacent[k]), diff(k - 1, k + 1)
+        if mine > SLICE_JUMP_MIN_HU and mine > SLICE_JUMP_RATIO * theirs:
+            medians = ", ".join(f"{float(np.median(sub[j])):.0f}"
+                                for j in (k - 1, k + 1) if 0 <= j < n)
+            raise PixelDataError(
+                f"{where(k)} differs from its neighbours by {mine:.0f} HU on average while "
+                f"they differ from each other by {theirs:.0f} HU (median "
+                f"{float(np.median(sub[k])):.0f} HU, neighbours' {medians} HU): its pixel "
+                "data or rescale does not match the rest of the series")
+
+
+def verify_chosen(scan: DicomScan) -> InputError | None:
+    """Read the pixels of the series ``scan`` chose and run the checks that need them,
+    exactly as loading does (what ``medseg info`` shows is what ``segment`` uses). If the
+    series is refused, it is marked unusable with the reason, ``scan.chosen`` becomes None,
+    ``scan.choice_reason`` says why, and the error is returned."""
+    s = scan.chosen
+    if s is None or s.plan is None:
+        return None
+    try:
+        # what load_series does before resampling (which refuses nothing: its size was
+        # checked with the plan)
+        _read_checked_slices(s, [s.frames[i] for i in s.plan.order])
+    except InputError as exc:
+        s.problem, s.error_type = exc.reason, type(exc)
+        scan.chosen = None
+        scan.choice_reason = f"series {s.series_uid} is refused: {exc.reason}"
+        return exc
+    return None
 
 
 def _padding_to_air(hu: npt.NDArray[Any], frames: Sequence[FrameRecord],

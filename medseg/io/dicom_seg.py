@@ -19,6 +19,11 @@ What this module decides, and why (see ``docs/concepts/dicom-outputs.md``):
 * **Read-back check**: the encoded SEG is decoded again with highdicom and compared with the
   frames it was made from, pixel for pixel and per source plane, before any byte reaches the
   disk. A mismatch raises :class:`~medseg.errors.OutputError` and nothing is written.
+* **Only what the IOD needs of the source.** highdicom copies every patient and study
+  attribute of the source and its scanner (manufacturer, institution, address, station) into
+  a derived object; medseg keeps the Type 1/2 attributes of the Patient and General Study
+  modules (:data:`REQUIRED_PATIENT_STUDY`) and drops the rest, unless the caller names them
+  in ``keep``. The SEG's equipment (Manufacturer ...) is medseg's.
 * Segment 1 is the right lung (SNOMED CT 3341006), segment 2 the left lung (44029006), both
   in the category "Anatomical Structure" (91723000), algorithm type AUTOMATIC, with an
   AlgorithmIdentificationSequence naming medseg, its version, the method and the model's
@@ -27,6 +32,8 @@ What this module decides, and why (see ``docs/concepts/dicom-outputs.md``):
 
 from __future__ import annotations
 
+import copy
+import difflib
 import io
 import os
 import warnings
@@ -44,19 +51,23 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from medseg._version import __version__
-from medseg.errors import OutputError, UnreadableFileError
+from medseg.errors import ConfigError, OutputError, UnreadableFileError
 from medseg.io._atomic import atomic_output
 from medseg.volume import CTVolume
 
 __all__ = [
     "LEFT_LUNG",
+    "PATIENT_STUDY_ATTRIBUTES",
+    "REQUIRED_PATIENT_STUDY",
     "RIGHT_LUNG",
     "SEG_FILENAME",
     "EncodedSeg",
     "SourcePlane",
     "build_seg",
+    "check_keep",
     "labels_on_planes",
     "read_source_planes",
+    "restrict_source_attributes",
     "verify_seg",
     "write_seg",
 ]
@@ -84,6 +95,70 @@ AXIS_ALIGNED_TOLERANCE = 1e-3
 _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                         "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
                         "ReferringPhysicianName")
+#: The patient and study attributes the SEG and the SR carry from the source: the Type 1 and
+#: 2 attributes of the Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) modules, which
+#: both IODs require. Anything else of the source's patient or study (age, weight, study
+#: description, clinical trial, other IDs ...) is left out unless asked for (``keep``).
+REQUIRED_PATIENT_STUDY = ("StudyInstanceUID", *_TYPE2_PATIENT_STUDY)
+#: Conditional (1C/2C) Patient and Patient Study attributes required for a non-human
+#: patient: carried when the source has them.
+_NON_HUMAN_PATIENT = ("PatientSpeciesDescription", "PatientSpeciesCodeSequence",
+                      "PatientBreedDescription", "PatientBreedCodeSequence",
+                      "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+                      "ResponsibleOrganization", "PatientSexNeutered")
+#: Every top-level attribute of the modules of the patient and study that highdicom copies
+#: from a source into a derived object (PS3.3 C.7.1.1 Patient, C.7.1.3 Clinical Trial
+#: Subject, C.7.2.1 General Study, C.7.2.2 Patient Study, C.7.2.3 Clinical Trial Study). Those
+#: not required and not kept are removed again.
+PATIENT_STUDY_ATTRIBUTES = frozenset({
+    # Patient
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID",
+    "TypeOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "SourcePatientGroupIdentificationSequence", "GroupOfPatientsIdentificationSequence",
+    "PatientBirthDate", "PatientBirthTime", "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar", "PatientSex",
+    "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence",
+    "OtherPatientNames", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "ReferencedPatientPhotoSequence", "EthnicGroup", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson",
+    "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID",
+    "ClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence",
+    "StudyDescription", "ProcedureCodeSequence", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence",
+    "StudyInstanceUID", "StudyID", "RequestingService", "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge",
+    "PatientSize", "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension",
+    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation",
+    "SmokingStatus", "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate",
+    "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence", "AdmissionID",
+    "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalOffsetFromEvent", "LongitudinalTemporalEventType",
+    "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+})
+#: DCM code of the ContributingEquipmentSequence item highdicom makes from the source's
+#: scanner (manufacturer, model, institution, address, station, department): left out.
+_ACQUISITION_EQUIPMENT = "109101"
 _MAX_READERS = max(1, min(8, os.cpu_count() or 1))
 
 
@@ -282,6 +357,62 @@ def labels_on_planes(labels: CTVolume, planes: Sequence[SourcePlane], *,
     return out
 
 
+# -- what the derived objects carry from the source ---------------------------------------
+def check_keep(keep: Sequence[str]) -> tuple[str, ...]:
+    """``keep`` as a tuple of DICOM keywords; an unknown keyword is a
+    :class:`~medseg.errors.ConfigError` with a close match."""
+    from pydicom.datadict import keyword_dict
+
+    out = tuple(str(k) for k in keep)
+    for kw in out:
+        if kw not in keyword_dict:
+            close = difflib.get_close_matches(kw, list(keyword_dict), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"keep: {kw!r} is not a DICOM keyword{hint}")
+    return out
+
+
+def restrict_source_attributes(derived: Dataset, source: Dataset, keep: Sequence[str] = ()
+                               ) -> None:
+    """Strip ``derived`` (a SEG or SR just built from ``source``) down to what it needs of
+    the source: the patient and study attributes of :data:`REQUIRED_PATIENT_STUDY` (and the
+    non-human patient ones if present), not the source's other patient/study attributes and
+    not its acquisition equipment (scanner, institution, address, station), which highdicom
+    copies into ContributingEquipmentSequence. Each keyword of ``keep`` is carried from
+    ``source`` as it is there (if it is); keeping an attribute the derived object writes
+    itself (Manufacturer, SeriesInstanceUID ...) is a :class:`~medseg.errors.ConfigError`."""
+    keep = check_keep(keep)
+    own = [kw for kw in keep if kw in derived and kw not in PATIENT_STUDY_ATTRIBUTES]
+    if own:
+        raise ConfigError(f"keep: {', '.join(own)} written by medseg itself in the derived "
+                          "object; it cannot be taken from the source")
+    allowed = {*REQUIRED_PATIENT_STUDY, *_NON_HUMAN_PATIENT, *keep}
+    for kw in PATIENT_STUDY_ATTRIBUTES - allowed:
+        if kw in derived:
+            del derived[kw]
+    if "ContributingEquipmentSequence" in derived:
+        items = [item for item in derived.ContributingEquipmentSequence
+                 if not any(c.get("CodeValue") == _ACQUISITION_EQUIPMENT
+                            for c in item.get("PurposeOfReferenceCodeSequence", []))]
+        if items:
+            derived.ContributingEquipmentSequence = items
+        else:
+            del derived.ContributingEquipmentSequence
+    for kw in keep:
+        if kw in source and kw not in derived:
+            derived[kw] = copy.deepcopy(source[kw])
+
+
+def _non_negative_slice_spacing(seg: Dataset) -> None:
+    """SpacingBetweenSlices of the Pixel Measures macro must not be negative (PS3.3
+    C.7.6.16.2.1); highdicom copies it from the source, and Philips writes it negative."""
+    for group in seg.get("SharedFunctionalGroupsSequence", []):
+        for measures in group.get("PixelMeasuresSequence", []):
+            value = measures.get("SpacingBetweenSlices")
+            if value is not None and float(value) < 0:
+                measures.SpacingBetweenSlices = abs(float(value))
+
+
 # -- building, checking, writing ----------------------------------------------------------
 def _algorithm(method: str, model: dict[str, Any] | None) -> Any:
     import highdicom as hd
@@ -355,13 +486,20 @@ def verify_seg(data: bytes, frames: npt.NDArray[np.uint8], planes: Sequence[Sour
 
 def build_seg(image: CTVolume, labels: CTVolume, *, method: str = "unet",
               model: dict[str, Any] | None = None,
-              sources: tuple[list[Dataset], list[SourcePlane]] | None = None) -> EncodedSeg:
+              sources: tuple[list[Dataset], list[SourcePlane]] | None = None,
+              keep: Sequence[str] = ()) -> EncodedSeg:
     """Encode ``labels`` (0 background, 1 right lung, 2 left lung) as a BINARY DICOM SEG on
     the planes of the DICOM images ``image`` was loaded from, and check it decodes back to
     the same labels. ``model`` is :attr:`medseg.segment.Segmentation.model` (name and
-    sha256), ``sources`` what :func:`read_source_planes` returned (read when None)."""
+    sha256), ``sources`` what :func:`read_source_planes` returned (read when None).
+
+    Of the source's patient and study the SEG carries only what the IOD requires
+    (:data:`REQUIRED_PATIENT_STUDY`), plus the top-level attributes named in ``keep``
+    (DICOM keywords, e.g. ``("InstitutionName", "StudyDescription")``): see
+    :func:`restrict_source_attributes`."""
     import highdicom as hd
 
+    keep = check_keep(keep)
     md = image.metadata
     arr = labels.array
     if arr.size and (arr.min() < 0 or arr.max() > max(SEGMENTS)):
@@ -398,6 +536,8 @@ def build_seg(image: CTVolume, labels: CTVolume, *, method: str = "unet",
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"highdicom refused to build the DICOM SEG: {exc}",
                           path=md.source_path, series=md.series_instance_uid) from exc
+    restrict_source_attributes(seg, headers[0], keep)
+    _non_negative_slice_spacing(seg)
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
@@ -406,9 +546,9 @@ def build_seg(image: CTVolume, labels: CTVolume, *, method: str = "unet",
 
 
 def write_seg(image: CTVolume, labels: CTVolume, path: str | Path, *, method: str = "unet",
-              model: dict[str, Any] | None = None) -> Path:
+              model: dict[str, Any] | None = None, keep: Sequence[str] = ()) -> Path:
     """Build, check and atomically write the SEG (see :func:`build_seg`) to ``path``."""
-    encoded = build_seg(image, labels, method=method, model=model)
+    encoded = build_seg(image, labels, method=method, model=model, keep=keep)
     target = Path(path)
     with atomic_output(target) as tmp:
         tmp.write_bytes(encoded.data)

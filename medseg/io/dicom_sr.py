@@ -13,7 +13,9 @@ without a lookup table. Why the groups look as they do:
   *Measurements* group with finding site "Lung", whose measurements each cite the SEG instance
   as their source image.
 * The observer is the device: medseg and its version (TID 1004). The SR joins the source's
-  study (patient and study attributes are copied from the SEG, itself copied from the CT).
+  study (patient and study attributes are copied from the SEG, itself copied from the CT),
+  with only the attributes the IOD requires (as the SEG; see
+  :func:`medseg.io.dicom_seg.restrict_source_attributes`).
 * LAA-950 and PD15 have no code in DICOM or SNOMED CT; they carry codes of the local scheme
   ``99MEDSEG`` (PS3.16 §8.2 allows private schemes prefixed "99") with meanings that say what
   they are.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,13 @@ from pydicom.uid import generate_uid
 from medseg._version import __version__
 from medseg.errors import OutputError
 from medseg.io._atomic import atomic_output
-from medseg.io.dicom_seg import LEFT_LUNG, RIGHT_LUNG, SEG_SERIES_NUMBER
+from medseg.io.dicom_seg import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
+    SEG_SERIES_NUMBER,
+    check_keep,
+    restrict_source_attributes,
+)
 from medseg.quantify import LAA_THRESHOLD_HU, PD_PERCENTILE, quantify
 from medseg.volume import CTVolume
 
@@ -95,13 +104,17 @@ def _measurements(values: dict[str, Any], source: Any = None) -> list[Any]:
 
 
 def build_sr(image: CTVolume, labels: CTVolume, seg: Dataset, *,
-             measurements: dict[str, Any] | None = None) -> EncodedSR:
+             measurements: dict[str, Any] | None = None, keep: Sequence[str] = ()
+             ) -> EncodedSR:
     """A TID 1500 Measurement Report of the lung measurements of ``labels`` on ``image``
     (``quantify``'s ``measurements``; computed when None) referencing the segments of
-    ``seg`` (the SEG made by :func:`medseg.io.dicom_seg.build_seg`)."""
+    ``seg`` (the SEG made by :func:`medseg.io.dicom_seg.build_seg`). Like the SEG, it
+    carries only the patient and study attributes the IOD requires, plus those named in
+    ``keep`` (taken from ``seg``, so give the SEG the same ``keep``)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    keep = check_keep(keep)
     md = image.metadata
     if measurements is None:
         measurements = quantify(image, labels)["measurements"]
@@ -148,6 +161,7 @@ def build_sr(image: CTVolume, labels: CTVolume, seg: Dataset, *,
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"highdicom refused to build the DICOM SR: {exc}",
                           path=md.source_path, series=md.series_instance_uid) from exc
+    restrict_source_attributes(sr, seg, keep)
     sr.SoftwareVersions = __version__
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
@@ -181,9 +195,9 @@ def read_sr_measurements(data: bytes | str | Path) -> dict[str, dict[str, float]
 
 
 def write_sr(image: CTVolume, labels: CTVolume, seg: Dataset, path: str | Path, *,
-             measurements: dict[str, Any] | None = None) -> Path:
+             measurements: dict[str, Any] | None = None, keep: Sequence[str] = ()) -> Path:
     """Build and atomically write the SR (see :func:`build_sr`) to ``path``."""
-    encoded = build_sr(image, labels, seg, measurements=measurements)
+    encoded = build_sr(image, labels, seg, measurements=measurements, keep=keep)
     target = Path(path)
     with atomic_output(target) as tmp:
         tmp.write_bytes(encoded.data)

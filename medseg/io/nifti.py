@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from medseg.errors import GeometryError, NotAVolumeError, PixelDataError, UnreadableFileError
 from medseg.io._atomic import atomic_output
+from medseg.io.limits import check_volume_geometry, check_volume_size
 from medseg.volume import CTVolume, Geometry, VolumeMetadata
 
 __all__ = ["read_nifti", "write_nifti"]
@@ -28,6 +29,10 @@ def read_nifti(path: str | Path) -> CTVolume:
     world geometry and is refused (medseg never guesses geometry). Scaling
     (``scl_slope``/``scl_inter``) is applied. A 4D file with one volume is accepted;
     2D and true 4D files are refused.
+
+    Before any voxel is read, the header's shape is checked against the file's size (for
+    ``.nii.gz``: what deflate can hold at most) and the memory budget, and the spacing and
+    extent against :mod:`medseg.io.limits`.
     """
     path = Path(path)
     try:
@@ -35,17 +40,24 @@ def read_nifti(path: str | Path) -> CTVolume:
         hdr = img.header
         sform, s_code = img.get_sform(coded=True)
         qform, q_code = img.get_qform(coded=True)
-        data = np.asanyarray(img.dataobj)
+        shape = tuple(int(n) for n in hdr.get_data_shape())
+        itemsize = int(hdr.get_data_dtype().itemsize)
+        offset = int(hdr.get_data_offset())
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
             ValueError) as exc:
         raise UnreadableFileError(f"cannot read NIfTI: {exc}", path=path) from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
         raise NotAVolumeError(
-            f"NIfTI image has {data.ndim} dimensions {tuple(data.shape)}; medseg reads 3D volumes",
+            f"NIfTI image has {len(shape)} dimensions {shape}; medseg reads 3D volumes",
             path=path,
         )
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    check_volume_size(shape, path=path, itemsize=itemsize,
+                      data_bytes=size if compressed else max(0, size - offset),
+                      compression="deflate" if compressed else None)
     if s_code and s_code > 0 and sform is not None:
         affine = sform
     elif q_code and q_code > 0 and qform is not None:
@@ -59,6 +71,13 @@ def read_nifti(path: str | Path) -> CTVolume:
         geometry = Geometry.from_affine(affine, ras=True)
     except GeometryError as exc:
         raise GeometryError(exc.reason, path=path) from exc
+    check_volume_geometry(geometry.spacing, shape, path=path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise UnreadableFileError(f"cannot read NIfTI: {exc}", path=path) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         raise PixelDataError(f"{n_bad} voxel(s) are NaN or infinite", path=path)

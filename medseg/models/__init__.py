@@ -44,6 +44,10 @@ class ModelSpec:
     num_res_units: int = 1
     #: Neighbouring slices on each side given as extra input channels (2.5D): 1 -> 3 channels.
     context_slices: int = 1
+    #: Distance (mm) between the context slices; 0 = the adjacent slices, whatever their
+    #: spacing. With a distance, the neighbours are the slices nearest to it (at least the
+    #: adjacent ones): the same anatomy in view on 1 mm and 5 mm series.
+    context_step_mm: float = 0.0
     pixel_spacing_mm: float = 2.0
     #: Side of the square sliding window (pixels at ``pixel_spacing_mm``).
     roi_size: int = 256
@@ -53,10 +57,17 @@ class ModelSpec:
     def in_channels(self) -> int:
         return 2 * self.context_slices + 1
 
+    def context_step(self, slice_mm: float) -> int:
+        """Slices between context slices on a series with ``slice_mm`` spacing."""
+        if self.context_step_mm <= 0 or not slice_mm > 0:
+            return 1
+        return max(1, round(self.context_step_mm / slice_mm))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "channels": list(self.channels), "strides": list(self.strides),
             "num_res_units": self.num_res_units, "context_slices": self.context_slices,
+            "context_step_mm": self.context_step_mm,
             "pixel_spacing_mm": self.pixel_spacing_mm, "roi_size": self.roi_size,
         }
 
@@ -65,6 +76,7 @@ class ModelSpec:
         return cls(name=str(d["name"]), channels=tuple(d["channels"]),
                    strides=tuple(d["strides"]), num_res_units=int(d["num_res_units"]),
                    context_slices=int(d["context_slices"]),
+                   context_step_mm=float(d.get("context_step_mm", 0.0)),
                    pixel_spacing_mm=float(d["pixel_spacing_mm"]), roi_size=int(d["roi_size"]),
                    card=card or {})
 

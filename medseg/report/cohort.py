@@ -1,12 +1,11 @@
 """The cohort validation report: ``cohort.html``, ``cohort_cases.csv`` (every case and label)
 and ``cohort_summary.csv`` (per label and metric: n, failures, mean, SD, median, IQR,
 bootstrap 95% CI). Cases are listed worst first (lowest Dice of both lungs together); a
-failed case (a missed lung: Dice 0 or an infinite distance) is marked, never dropped."""
+failed case (a missed lung: Dice 0 or an infinite distance) is marked, never dropped. CSV
+cells are escaped against formula injection (:mod:`medseg.report._csv`)."""
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,13 @@ import numpy as np
 
 from medseg._version import __version__
 from medseg.evaluate import CohortAccumulator
+from medseg.report._csv import csv_text
 from medseg.report._render import environment, figure_png, png_data_uri, pyplot, write_text
 
 __all__ = ["write_cohort_report"]
 
 _BOX_METRICS = (("dice", "Dice"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"),
                 ("nsd", "NSD"))
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _box_plots(acc: CohortAccumulator, labels: list[str]) -> bytes:
@@ -86,6 +77,6 @@ def write_cohort_report(acc: CohortAccumulator, out_dir: str | Path, *,
         boxplot=png_data_uri(_box_plots(acc, labels)))
     case_rows = [dict(r, note=(notes or {}).get(str(r["case_id"]), "")) for r in acc.rows()]
     return {"html": write_text(out / "cohort.html", html),
-            "cases_csv": write_text(out / "cohort_cases.csv", _csv_text(case_rows)),
+            "cases_csv": write_text(out / "cohort_cases.csv", csv_text(case_rows)),
             "summary_csv": write_text(out / "cohort_summary.csv",
-                                      _csv_text(acc.summary_rows()))}
+                                      csv_text(acc.summary_rows()))}

@@ -11,7 +11,8 @@ Schema (``schema_version`` 1)::
      "grid": {"shape_zyx", "spacing", "origin", "direction", "orientation"},
      "measurements": {right|left|lung: {volume_ml, n_voxels, mld_hu, laa950_pct, pd15_hu}},
      "histogram": {"bin_edges_hu", "counts": {right|left|lung: [...]}},
-     "metrics": {right|left|lung: {dice, iou, hd, hd95, assd, nsd, volume_diff_ml}} | null,
+     "metrics": {right|left|lung: {dice, iou, hd, hd95, assd, nsd, volume_diff_ml}} | null
+                (only "lung" when the reference has one label for both lungs),
      "warnings": [str],
      "patient": {"id", "name", "study_date"}  (only with show_phi)}
 
@@ -21,9 +22,7 @@ The report holds no timestamps or timings, so the same inputs give the same byte
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import platform
 from pathlib import Path
@@ -32,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from medseg._version import __version__
-from medseg.evaluate import label_metrics, to_jsonable
+from medseg.evaluate import to_jsonable
+from medseg.evaluate.labels import DEFAULT_REF_LABELS, LabelConvention, score_label_maps
 from medseg.quantify import quantify
+from medseg.report._csv import csv_text
 from medseg.report._render import (
     environment,
     figure_png,
@@ -87,13 +88,20 @@ def _input_entry(volume: CTVolume) -> dict[str, Any]:
 def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
                  method: str | None = None, model: dict[str, Any] | None = None,
                  reference: CTVolume | None = None, warnings: list[str] | None = None,
-                 show_phi: bool = False) -> dict[str, Any]:
+                 show_phi: bool = False,
+                 reference_labels: str | LabelConvention = DEFAULT_REF_LABELS
+                 ) -> dict[str, Any]:
     """The report as a dict (JSON-ready after :func:`medseg.evaluate.to_jsonable`).
-    ``reference`` (labels on the same grid) adds validation metrics."""
+    ``reference`` (labels on the same grid) adds validation metrics; its values are read
+    through ``reference_labels`` (default ``auto``: right=1,left=2, or lung=1 for a 0/1
+    mask; see :mod:`medseg.evaluate.labels`), and a value it does not name is an
+    :class:`~medseg.errors.InputError`. How the reference was read goes into the warnings
+    when it changes what is scored (only "lung" for a one-label reference)."""
     import torch
 
     q = quantify(image, labels)
     metrics = None
+    notes: list[str] = []
     if reference is not None:
         if not reference.same_grid(labels, atol_mm=1e-3):
             from medseg.errors import GeometryError
@@ -101,7 +109,12 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
             raise GeometryError("reference and prediction grids differ: "
                                 + labels.grid_difference(reference),
                                 path=reference.metadata.source_path)
-        metrics = label_metrics(labels.array, reference.array, image.spacing[::-1])
+        score = score_label_maps(labels.array, reference.array, image.spacing[::-1],
+                                 ref_labels=reference_labels,
+                                 ref_path=reference.metadata.source_path,
+                                 flags=("pred_labels=", "reference_labels="))
+        metrics = score.metrics
+        notes = [f"reference: {n}" for n in score.notes]
     md = image.metadata
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -122,7 +135,7 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
         "measurements": q["measurements"],
         "histogram": q["histogram"],
         "metrics": metrics,
-        "warnings": list(dict.fromkeys([*(warnings or []), *q["warnings"]])),
+        "warnings": list(dict.fromkeys([*(warnings or []), *q["warnings"], *notes])),
     }
     if show_phi:
         report["patient"] = {"id": md.patient_id, "name": md.patient_name,
@@ -140,7 +153,7 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
                 row[f"{label}_{key}"] = value
     if report["metrics"]:
         for label in _LABELS:
-            for key, value in report["metrics"][label].items():
+            for key, value in report["metrics"].get(label, {}).items():
                 row[f"{label}_{key}"] = value
     row["n_warnings"] = len(report["warnings"])
     return dict(to_jsonable(row))
@@ -183,14 +196,9 @@ def render_html(report: dict[str, Any], image: CTVolume, labels: CTVolume) -> st
 def render_study_files(report: dict[str, Any], image: CTVolume, labels: CTVolume
                        ) -> dict[str, str]:
     """The texts of ``report.json``, ``report.html`` and ``report.csv``, in memory."""
-    row = csv_row(report)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")
-    writer.writeheader()
-    writer.writerow(row)
     return {"report.json": json.dumps(to_jsonable(report), indent=2) + "\n",
             "report.html": render_html(report, image, labels),
-            "report.csv": buf.getvalue()}
+            "report.csv": csv_text([csv_row(report)])}
 
 
 def write_study_report(report: dict[str, Any], image: CTVolume, labels: CTVolume,

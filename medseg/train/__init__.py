@@ -47,6 +47,11 @@ class DataConfig:
     #: gas under the diaphragm, only the lung bases in view) and with a pleural effusion.
     phantom_abdomen_fraction: float = 0.0
     phantom_effusion_fraction: float = 0.0
+    #: Copies of each training phantom with pathology inserted (as for the real studies,
+    #: ``lesions_per_variant`` each): lesions in many more lung shapes than the few real
+    #: studies give, so the network learns "dense tissue in the lung's outline is lung"
+    #: rather than one patient's outline.
+    phantom_lesion_variants: int = 0
     #: Real, unlabelled CT (names in medseg.train.realct.REAL_SOURCES) with derived labels:
     #: trained on, and kept for validation only (never trained on).
     real_train: list[str] = field(default_factory=list)
@@ -68,6 +73,8 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_res_units: int = 1
     context_slices: int = 1
+    #: mm between context slices (0: adjacent slices); see ModelSpec.context_step_mm.
+    context_step_mm: float = 0.0
     pixel_spacing_mm: float = 2.0
     roi_size: int = 256
 
@@ -119,6 +126,7 @@ class TrainConfig:
         m = self.model
         return ModelSpec(name=self.name, channels=tuple(m.channels), strides=tuple(m.strides),
                          num_res_units=m.num_res_units, context_slices=m.context_slices,
+                         context_step_mm=m.context_step_mm,
                          pixel_spacing_mm=m.pixel_spacing_mm, roi_size=m.roi_size)
 
 
@@ -176,6 +184,8 @@ class Sample:
     #: Voxel masks of inserted lesions (lung) and effusions (not lung), for validation.
     lesion: npt.NDArray[np.bool_] | None = None
     effusion: npt.NDArray[np.bool_] | None = None
+    #: Spacing between the slices (mm), where known (lesions are inserted in mm).
+    slice_mm: float = 0.0
 
 
 def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec,
@@ -202,7 +212,7 @@ def _phantom_samples(seeds: list[int], shape: list[int], spec: ModelSpec,
                                      spacing=(inplane, inplane, sz), **extra)
         img, lab = prepare_slices(image, labels, spec)
         assert lab is not None
-        out.append(Sample(f"phantom_{s}", img, lab))
+        out.append(Sample(f"phantom_{s}", img, lab, slice_mm=sz))
     return out
 
 
@@ -240,8 +250,9 @@ def _cip_samples(root: Path, spec: ModelSpec, val_fraction: float
     assert lab_r is not None
     # oriented k runs inferior -> superior: validation = slices below the cut
     cut = validation_cut(lab_r.reshape(lab_r.shape[0], -1).any(axis=1), val_fraction)
-    return (Sample("cip-ct64-train", img[cut:], lab_r[cut:]),
-            Sample("cip-ct64-val", img[:cut], lab_r[:cut]))
+    sz = _slice_spacing(ref[0])
+    return (Sample("cip-ct64-train", img[cut:], lab_r[cut:], slice_mm=sz),
+            Sample("cip-ct64-val", img[:cut], lab_r[:cut], slice_mm=sz))
 
 
 def _slice_spacing(volume: CTVolume) -> float:
@@ -296,7 +307,7 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
     return Sample(name, np.ascontiguousarray(_from_hu(hu).transpose(0, 2, 1)),
                   np.ascontiguousarray(lab.transpose(0, 2, 1)), base.weight, focus,
                   np.ascontiguousarray(lesion.transpose(0, 2, 1)),
-                  np.ascontiguousarray(effusion.transpose(0, 2, 1)))
+                  np.ascontiguousarray(effusion.transpose(0, 2, 1)), slice_mm)
 
 
 def _real_samples(names: list[str], root: Path, cache: Path, spec: ModelSpec, d: DataConfig,
@@ -314,11 +325,11 @@ def _real_samples(names: list[str], root: Path, cache: Path, spec: ModelSpec, d:
             _label_overlay(vol, lab, out_dir / f"labels-{name}.png")
         img, plab = prepare_slices(vol, vol.with_array(lab), spec)
         assert plab is not None
-        base = Sample(f"real-{name}", img, plab)
+        base = Sample(f"real-{name}", img, plab, slice_mm=_slice_spacing(vol))
         out.append(base)
         rng = np.random.default_rng([seed, 1000 + n])
         for v in range(variants):
-            out.append(lesion_variant(base, _slice_spacing(vol), spec, rng,
+            out.append(lesion_variant(base, base.slice_mm, spec, rng,
                                       d.lesions_per_variant, d.effusion_probability,
                                       f"real-{name}-lesions{v}", mark_lesions=training))
     return out
@@ -332,8 +343,31 @@ def _label_overlay(vol: CTVolume, lab: npt.NDArray[np.uint8], path: Path) -> Non
     path.write_bytes(overlay_montage(vol, vol.with_array(shown), view="coronal"))
 
 
-def _context(stack: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:
-    idx = np.clip(np.arange(k - c, k + c + 1), 0, stack.shape[0] - 1)
+def _widened(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+    """``source`` weights for a network with more context slices (``target``'s shapes): a
+    tensor wider in the input channels keeps its weights on the central channels and starts
+    at zero on the new outer ones, so the widened network computes what the source did."""
+    out = {}
+    for k, t in target.items():
+        w = source[k]
+        if w.shape != t.shape:
+            if w.dim() < 2 or w.shape[0] != t.shape[0] or w.shape[2:] != t.shape[2:] \
+                    or (t.shape[1] - w.shape[1]) % 2:
+                raise ConfigError(f"init_weights: {k} has shape {tuple(w.shape)}, the "
+                                  f"network needs {tuple(t.shape)}")
+            off = (t.shape[1] - w.shape[1]) // 2
+            wide = torch.zeros_like(t)
+            wide[:, off:off + w.shape[1]] = w
+            w = wide
+        out[k] = w
+    return out
+
+
+def _context(stack: npt.NDArray[np.float32], k: int, c: int, step: int = 1
+             ) -> npt.NDArray[np.float32]:
+    """Slice ``k`` with ``c`` neighbours each side, ``step`` slices apart (edges repeat)."""
+    idx = np.clip(k + step * np.arange(-c, c + 1), 0, stack.shape[0] - 1)
     return stack[idx]
 
 
@@ -364,9 +398,12 @@ def _augment() -> Any:
 class SliceSampler:
     """Random 2.5D training crops from prepared volumes, weighted per source."""
 
-    def __init__(self, samples: list[Sample], context: int, crop: int, seed: int) -> None:
+    def __init__(self, samples: list[Sample], context: int, crop: int, seed: int,
+                 spec: ModelSpec | None = None) -> None:
         self.samples = samples
         self.context = context
+        self.steps = [spec.context_step(s.slice_mm) if spec is not None else 1
+                      for s in samples]
         self.crop = crop
         self.rng = np.random.default_rng(seed)
         w = np.array([s.weight for s in samples], float)
@@ -404,7 +441,8 @@ class SliceSampler:
                 k = int(self.rng.choice(lung))
             else:
                 k = int(self.rng.integers(0, s.image.shape[0]))
-            img, lab = self._crop(_context(s.image, k, self.context), s.label[k])
+            img, lab = self._crop(_context(s.image, k, self.context, self.steps[i]),
+                                  s.label[k])
             d = self.aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
                           "label": torch.from_numpy(lab[None].astype(np.float32))})
             x = torch.as_tensor(d["image"]).float()
@@ -437,7 +475,7 @@ class SliceSampler:
 
 # -- evaluation on prepared volumes -----------------------------------------------------------
 def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], context: int,
-                     divisor: int, batch: int = 16) -> npt.NDArray[np.uint8]:
+                     divisor: int, batch: int = 16, step: int = 1) -> npt.NDArray[np.uint8]:
     """Argmax labels for a prepared (K, I, J) stack (whole slices, padded to ``divisor``)."""
     k, h, w = image.shape
     ph, pw = (-h) % divisor, (-w) % divisor
@@ -447,7 +485,8 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
     with torch.inference_mode():
         for k0 in range(0, k, batch):
             ks = range(k0, min(k, k0 + batch))
-            x = torch.from_numpy(np.stack([_context(padded, kk, context) for kk in ks]))
+            x = torch.from_numpy(np.stack([_context(padded, kk, context, step)
+                                           for kk in ks]))
             out[k0:k0 + len(ks)] = net(x).argmax(1)[:, :h, :w].numpy().astype(np.uint8)
     return out
 
@@ -554,6 +593,15 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     data_note = [f"{len(seeds)} phantoms (medseg.synth, seeds {seeds[0]}..{seeds[-1]}; "
                  f"upper abdomen in {d.phantom_abdomen_fraction:.0%}, effusion in "
                  f"{d.phantom_effusion_fraction:.0%} of draws)"]
+    if d.phantom_lesion_variants:
+        prng = np.random.default_rng([cfg.seed, 2000])
+        train_samples += [lesion_variant(p, p.slice_mm, spec, prng, d.lesions_per_variant,
+                                         d.effusion_probability, f"{p.name}-lesions{v}",
+                                         mark_lesions=True)
+                          for p in list(train_samples) for v in range(d.phantom_lesion_variants)]
+        data_note.append(f"{d.phantom_lesion_variants} copies of each phantom with inserted "
+                         f"pathology ({d.lesions_per_variant} lesions each)")
+        log(f"phantoms: {len(train_samples)} training samples with lesion copies")
     root = Path(shared_data or os.environ.get("MEDSEG_SHARED_DATA") or (d.shared_data or ""))
     cip = _cip_samples(root, spec, d.cip_val_fraction) if d.shared_data or shared_data else None
     if cip is not None:
@@ -586,13 +634,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         val_samples += [s for s in held if s.lesion is not None]
         data_note.append(f"validation only (never trained on): {', '.join(d.real_val)}")
     t = cfg.training
-    sampler = SliceSampler(train_samples, spec.context_slices, t.crop_size, cfg.seed)
+    sampler = SliceSampler(train_samples, spec.context_slices, t.crop_size, cfg.seed, spec)
     sampler.fov_crop_probability = t.fov_crop_probability
     net = build_network(spec)
     if t.init_weights:
         from medseg.models import load_model
 
-        net.load_state_dict(load_model(t.init_weights).network.state_dict())
+        net.load_state_dict(_widened(load_model(t.init_weights).network.state_dict(),
+                                     net.state_dict()))
         data_note.append(f"initialised from {t.init_weights}")
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
@@ -619,7 +668,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         dices: list[float] = []
         ph_scores = []
         for s in val_samples:
-            pred = predict_prepared(net, s.image, spec.context_slices, divisor)
+            pred = predict_prepared(net, s.image, spec.context_slices, divisor,
+                                    step=spec.context_step(s.slice_mm))
             dd = dice_per_lung(pred, s.label)
             if s.name.startswith("cip"):
                 row["val_dice_cip_right"] = round(dd["right"], 4)

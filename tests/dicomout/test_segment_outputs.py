@@ -4,6 +4,8 @@ Philips chest CT (U-Net, once per module) and on a small phantom (threshold)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import medseg
 from medseg.cli import main
 from medseg.errors import OutputError
 from medseg.inference import DEFAULT_MODEL
+from medseg.io.dicom_seg import REQUIRED_PATIENT_STUDY
 from medseg.io.dicom_sr import read_sr_measurements
 from medseg.segment import StudyResult, segment_study
 from medseg.synth import write_phantom_study
@@ -108,6 +111,31 @@ def test_summary_lists_and_times_the_dicom_outputs(philips: tuple[StudyResult, P
     assert 0 < summary["timings_s"]["dicom_seg"] < 10
     assert 0 < summary["timings_s"]["dicom_sr"] < 10
     assert not [p for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_seg_and_sr_carry_no_source_equipment_or_extra_patient_data(
+        philips: tuple[StudyResult, Path], tmp_path: Path) -> None:
+    """The Philips source has InstitutionName, InstitutionAddress, StationName, PatientAge,
+    StudyDescription ...; the derived objects carry only the Patient and General Study
+    attributes the IODs require (and validate with dciodvfy where it is installed)."""
+    result, out = philips
+    src = pydicom.dcmread(result.volume.metadata.source_files[0], stop_before_pixels=True)
+    assert {"InstitutionName", "InstitutionAddress", "StationName", "PatientAge",
+            "StudyDescription"} <= set(src.dir())
+    for name in DICOM_NAMES:
+        ds = pydicom.dcmread(out / name)
+        found = {e.keyword for e in ds.iterall() if e.keyword}
+        assert not found & {"InstitutionName", "InstitutionAddress", "StationName",
+                            "InstitutionalDepartmentName", "PatientAge", "StudyDescription"}
+        for kw in REQUIRED_PATIENT_STUDY:
+            assert ds[kw].value == src[kw].value, (name, kw)
+        assert ds.Manufacturer == "medseg" and src.Manufacturer != "medseg"
+        if shutil.which("dciodvfy"):
+            run = subprocess.run(["dciodvfy", str(out / name)], capture_output=True,
+                                 text=True, timeout=120, check=False)
+            errors = [ln for ln in (run.stdout + run.stderr).splitlines()
+                      if ln.startswith("Error")]
+            assert errors == [], (name, errors)
 
 
 # -- small phantom: switches and failure ----------------------------------------------------

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from medseg.pacs.client import PacsClient, make_config
+from tests.conftest import need_tool
 
 ORTHANC = Path(os.environ.get("MEDSEG_TEST_ORTHANC", "/usr/sbin/Orthanc"))
 DICOMWEB_PLUGIN = Path(os.environ.get("MEDSEG_TEST_ORTHANC_DICOMWEB",
@@ -157,9 +157,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     import ssl
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
+    openssl = need_tool("openssl")  # a test certificate (.ci/system-packages.txt)
     root = tmp_path_factory.mktemp("tls")
     key, cert = root / "key.pem", root / "cert.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",

@@ -185,3 +185,48 @@ def test_v2_pipeline_config_is_valid() -> None:
     assert cfg.data.real_val and not set(cfg.data.real_val) & set(cfg.data.real_train)
     assert cfg.training.init_weights == "lung2d-v1"
     yaml.safe_load((REPO / "pipelines" / "train_lung2d_v2.yaml").read_text())
+
+
+@pytest.mark.parametrize(("step_mm", "slice_mm", "step"),
+                         [(0.0, 2.5, 1), (5.0, 2.5, 2), (5.0, 1.0, 5), (5.0, 5.0, 1),
+                          (5.0, 7.0, 1), (5.0, 0.0, 1)])
+def test_context_step_follows_millimetres(step_mm: float, slice_mm: float, step: int) -> None:
+    assert ModelSpec(name="x", context_step_mm=step_mm).context_step(slice_mm) == step
+
+
+def test_widened_network_computes_what_the_source_did() -> None:
+    from medseg.models import build_network
+    from medseg.train import _widened
+
+    torch.manual_seed(0)
+    narrow = build_network(ModelSpec(name="a", context_slices=1)).eval()
+    wide = build_network(ModelSpec(name="b", context_slices=2))
+    wide.load_state_dict(_widened(narrow.state_dict(), wide.state_dict()))
+    wide.eval()
+    x = torch.rand(2, 5, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(narrow(x[:, 1:4]), wide(x), atol=1e-5)
+
+
+class _FirstChannelIsRight(torch.nn.Module):
+    """Right lung wherever the first context channel (the lowest neighbour) is bright."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x[:, :1] > 0.5).float()
+        return torch.cat([1 - bright, bright, torch.zeros_like(bright)], dim=1) * 10
+
+
+@pytest.mark.parametrize(("step_mm", "offset"), [(0.0, 1), (5.0, 2), (10.0, 4)])
+def test_inference_takes_context_slices_the_stated_mm_apart(step_mm: float, offset: int
+                                                            ) -> None:
+    from medseg.inference.unet import InferenceSettings, unet_labels
+    from medseg.models import LoadedModel
+
+    arr = np.full((24, 32, 32), -1000, np.int16)
+    arr[10] = 500
+    vol = CTVolume(arr, Geometry(origin=(0.0, 0.0, 0.0), spacing=(0.7, 0.7, 2.5)))
+    spec = ModelSpec(name="t", context_step_mm=step_mm, roi_size=32)
+    labels = unet_labels(vol, LoadedModel(spec, _FirstChannelIsRight(), "", ""),
+                         InferenceSettings(slab_slices=7))
+    hit = sorted({int(k) for k in np.flatnonzero(labels.reshape(24, -1).any(axis=1))})
+    assert hit in ([10 + offset], [10 - offset])
