@@ -72,6 +72,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     io.verify_chosen(scan)
     data = scan.to_dict()
     data["format"] = "dicom"
+    if scan.chosen:
+        data["segment"] = _segment_check(args.path, scan.chosen.series_uid)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK if scan.chosen else EXIT_ERROR
@@ -89,9 +91,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 print(f"      {s.path}: {s.reason}")
     if scan.chosen:
         print(f"would use: {scan.chosen.series_uid} ({scan.choice_reason})")
+        check = data["segment"]
+        if not check["accepted"]:
+            print(f"segment would refuse it: {check['reason']}")
+        for w in check["warnings"]:
+            print(f"segment would warn: {w}")
         return EXIT_OK
     print(f"medseg: error: {scan.root}: nothing to use: {scan.choice_reason}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def _segment_check(path: Path, series_uid: str) -> dict[str, Any]:
+    """What ``medseg segment`` would say of the series before segmenting it (not CT, not HU,
+    no body: refused; reservations: warnings), so ``info`` promises what ``segment`` does."""
+    from medseg import io
+    from medseg.errors import MedsegError
+    from medseg.segment import check_input
+
+    try:
+        warnings = check_input(io.load(path, series=series_uid))
+    except MedsegError as exc:
+        return {"accepted": False, "reason": exc.reason, "warnings": []}
+    return {"accepted": True, "reason": None, "warnings": warnings}
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ from medseg.io.dicom_sr import SR_FILENAME
 from medseg.validation import MASK_NAME
 from medseg.volume import CTVolume
 
-__all__ = ["OUTPUT_NAMES", "Method", "Segmentation", "StudyResult", "segment", "segment_study"]
+__all__ = ["OUTPUT_NAMES", "Method", "Segmentation", "StudyResult", "check_input", "segment",
+           "segment_study"]
 
 #: The commit record of a study's outputs (see :func:`segment_study`): what ran, and which
 #: files belong to it.
@@ -89,7 +90,10 @@ class StudyResult:
     out_dir: Path
 
 
-def _check_input(volume: CTVolume) -> list[str]:
+def check_input(volume: CTVolume) -> list[str]:
+    """Refuse what cannot be segmented (not CT, not HU, no body: a medseg error naming the
+    input); returns the warnings for what can, with reservations. ``segment`` runs it first,
+    ``medseg info`` too."""
     from medseg.preprocess import check_hounsfield
 
     modality = volume.metadata.modality
@@ -120,7 +124,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
     except ValueError as exc:
         raise ConfigError(f"unknown method {method!r}; choose from "
                           f"{', '.join(m.value for m in Method)}") from exc
-    warnings = _check_input(volume)
+    warnings = check_input(volume)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model_info = None

@@ -97,6 +97,22 @@ def test_info_and_convert_dicom(shared_data: Path, tmp_path: Path,
 
 
 @pytest.mark.shared_data
+def test_info_says_what_segment_would_refuse(shared_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    mr = need(shared_data, "dicom2nifti/tests/data/ge/anatomical/001")
+    assert main(["info", str(mr), "--json"]) == 0  # loadable (convert works on MR) ...
+    check = json.loads(capsys.readouterr().out)["segment"]
+    assert check["accepted"] is False and "needs CT" in check["reason"]
+    assert main(["info", str(mr)]) == 0
+    assert "segment would refuse it: modality is MR" in capsys.readouterr().out
+    assert main(["segment", str(mr), "-o", str(tmp_path / "o")]) == 1  # ... and segment refuses
+    assert "needs CT" in capsys.readouterr().err
+    ct = need(shared_data, "cip-ct64/ct-64Dicom")
+    assert main(["info", str(ct), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["segment"]["accepted"] is True
+
+
+@pytest.mark.shared_data
 def test_refused_series_reason(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = need(shared_data, "dicom2nifti/tests/data/failing/sliceincrement/001")
     assert main(["convert", str(folder), "/nonexistent/never.nii.gz"]) == 1

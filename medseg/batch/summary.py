@@ -30,7 +30,7 @@ __all__ = ["SUMMARY_COLUMNS", "Validation", "summary_rows", "write_summary",
 SUMMARY_COLUMNS = ("study_id", "status", "attempts", "source", "reference", "right_ml",
                    "left_ml", "total_ml", "lung_dice", "right_dice", "left_dice",
                    "n_warnings", "warnings", "seconds", "started_at", "finished_at", "worker",
-                   "error_type", "error_message")
+                   "error_kind", "error_type", "error_message")
 
 
 def summary_rows(rows: list[StudyRow]) -> list[dict[str, Any]]:
@@ -52,6 +52,7 @@ def summary_rows(rows: list[StudyRow]) -> list[dict[str, Any]]:
             "seconds": "" if r.seconds is None else r.seconds,
             "started_at": r.started_at or "", "finished_at": r.finished_at or "",
             "worker": r.worker or "",
+            "error_kind": (r.error_kind or "") if failed else "",
             "error_type": (r.error_type or "") if failed else "",
             "error_message": (r.error_message or "") if failed else "",
         })

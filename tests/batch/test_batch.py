@@ -101,6 +101,7 @@ def test_cohort_of_ten_with_two_broken_on_two_workers(
         summary = {r["study_id"]: r for r in csv.DictReader(fh)}
     assert set(summary) == good | bad
     assert summary["wrong_modality"]["error_type"] == "ModalityError"
+    assert summary["wrong_modality"]["error_kind"] == "input"  # the study, not the machine
     assert summary["broken_truncated"]["status"] == "failed"
     assert float(summary["phantom_2"]["total_ml"]) > 0
     assert summary["phantom_2"]["lung_dice"] != "" and summary["cip_dicom"]["lung_dice"] == ""
