@@ -359,6 +359,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medseg.batch.cli import positive_int
+
     parser = argparse.ArgumentParser(
         prog="medseg",
         description="Lung segmentation and reporting for chest CT. Reads DICOM folders "
@@ -411,10 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default "
                    f"{DEFAULT_MODEL})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"slices per network call (default {DEFAULT_BATCH_SIZE}, the fastest "
                    "measured on a 2-core CPU; see docs/benchmarks.md)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for the network (default: torch's choice)")
     p.add_argument("--reference", type=Path, default=None, metavar="LABELS",
                    help="reference labels on the input's grid (1 right, 2 left): the report "
@@ -518,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "labels.nii.gz. With --count N, one sub-folder per phantom.")
     p.add_argument("out_dir", type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--count", type=int, default=1, help="number of phantoms (default 1)")
+    p.add_argument("--count", type=positive_int, default=1, help="number of phantoms (default 1)")
     p.add_argument("--shape", type=lambda t: _parse_triple(t, int), default=(64, 128, 128),
                    metavar="Z,Y,X", help="voxels (default 64,128,128). The generator "
                    "holds full-size float64 intermediates: about 130 bytes per voxel at its "

@@ -100,5 +100,9 @@ def from_mapping(cls: type[T], data: dict[str, Any], *, path: Path | None = None
         raise ConfigError(f"missing key(s): {', '.join(prefix + m for m in missing)}", path=path)
     try:
         return cls(**kwargs)
+    except ConfigError as exc:  # a record's own check: name the file it came from
+        if exc.path is None:
+            raise ConfigError(f"{where or 'config'}: {exc.reason}", path=path) from exc
+        raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where or 'config'}: {exc}", path=path) from exc

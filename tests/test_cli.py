@@ -118,3 +118,22 @@ def test_refused_series_reason(shared_data: Path, capsys: pytest.CaptureFixture[
     assert main(["convert", str(folder), "/nonexistent/never.nii.gz"]) == 1
     err = capsys.readouterr().err
     assert f"medseg: error: {folder}" in err and "slice(s) missing" in err
+
+
+@pytest.mark.parametrize("argv", [["segment", "x.nii.gz", "-o", "o", "--threads", "0"],
+                                  ["segment", "x.nii.gz", "-o", "o", "--batch-size", "-2"],
+                                  ["synth", "-o", "o", "--count", "0"]])
+def test_counts_below_one_refused_where_they_enter(argv: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "must be at least 1, got" in capsys.readouterr().err
+
+
+def test_config_records_raise_medseg_errors() -> None:
+    from medseg.errors import ConfigError
+    from medseg.train import TrainConfig, TrainingConfig
+
+    with pytest.raises(ConfigError, match=r"training\.epochs must be at least 1, got 0"):
+        TrainConfig(training=TrainingConfig(epochs=0))

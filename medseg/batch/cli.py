@@ -23,7 +23,7 @@ from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_MODEL
 from medseg.pacs.cli import add_batch_arguments, batch_options
 
-__all__ = ["config_from_yaml", "register", "run_config"]
+__all__ = ["config_from_yaml", "positive_int", "register", "run_config"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -188,7 +188,8 @@ def run_config(config: Path, *, quiet: bool = False) -> int:
     return run(config_from_yaml(config), quiet=quiet)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (the bad value in the message)."""
     try:
         value = int(text)
     except ValueError as exc:
@@ -216,7 +217,7 @@ def register(sub: Any) -> None:
     p.add_argument("source", help="folder of studies, a manifest .csv, or a DICOMweb root "
                    "dicomweb+http(s)://HOST/ROOT")
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
-    p.add_argument("--workers", type=_positive, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="parallel worker processes on this machine (default 1: in this "
                    "process; N > 1 starts a local Dask cluster)")
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
@@ -230,9 +231,9 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default "
                    f"{DEFAULT_MODEL}); loaded once per worker")
-    p.add_argument("--max-attempts", type=_positive, default=2,
+    p.add_argument("--max-attempts", type=positive_int, default=2,
                    help="tries per study over all runs (default 2)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per study (default: all cores in-process, cores / "
                    "workers with --workers, 1 with --scheduler)")
     p.add_argument("--show-phi", action="store_true",

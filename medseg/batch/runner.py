@@ -137,7 +137,7 @@ class BatchConfig:
     def __post_init__(self) -> None:
         # ValueError: from_mapping turns it into a ConfigError naming the pipeline file.
         if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.scheduler and self.workers != 1:
             raise ValueError("give workers or scheduler, not both: with a scheduler the "
                              "cluster's workers run the studies")

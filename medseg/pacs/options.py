@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medseg.errors import ConfigError
+
 __all__ = ["DICOMWEB_PREFIX", "PACS_CACHE_NAME", "PacsBatchOptions", "SelectionRules",
            "is_dicomweb_source"]
 
@@ -54,9 +56,9 @@ class SelectionRules:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_tilt_deg < 90.0:
-            raise ValueError(f"max_tilt_deg must be in [0, 90), got {self.max_tilt_deg}")
+            raise ConfigError(f"max_tilt_deg must be in [0, 90), got {self.max_tilt_deg}")
         if self.min_instances < 1:
-            raise ValueError(f"min_instances must be at least 1, got {self.min_instances}")
+            raise ConfigError(f"min_instances must be at least 1, got {self.min_instances}")
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,11 @@ class PacsBatchOptions:
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout}")
+            raise ConfigError(f"timeout must be positive, got {self.timeout}")
         if self.retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {self.retries}")
+            raise ConfigError(f"retries must be 0 or more, got {self.retries}")
         if self.insecure and self.ca_bundle:
-            raise ValueError("give ca_bundle or insecure, not both")
+            raise ConfigError("give ca_bundle or insecure, not both")
 
     def rules(self) -> SelectionRules:
         return SelectionRules(axial=not self.allow_oblique, image_type=tuple(self.image_type))

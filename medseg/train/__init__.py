@@ -111,16 +111,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.job != "train":
-            raise ValueError(f"job must be 'train', got {self.job!r}")
+            raise ConfigError(f"job must be 'train', got {self.job!r}")
         if len(self.model.channels) != len(self.model.strides) + 1:
-            raise ValueError("model.channels needs one more entry than model.strides")
+            raise ConfigError("model.channels needs one more entry than model.strides")
         if self.training.crop_size % (2 ** len(self.model.strides)):
-            raise ValueError("training.crop_size must be divisible by 2**len(strides)")
+            raise ConfigError("training.crop_size must be divisible by 2**len(strides)")
         if not 0.0 < self.data.cip_val_fraction < 1.0:
-            raise ValueError("data.cip_val_fraction must be between 0 and 1")
+            raise ConfigError("data.cip_val_fraction must be between 0 and 1")
         for k in ("epochs", "steps_per_epoch", "batch_size", "patience"):
-            if getattr(self.training, k) < 1:
-                raise ValueError(f"training.{k} must be at least 1")
+            value = getattr(self.training, k)
+            if value < 1:
+                raise ConfigError(f"training.{k} must be at least 1, got {value}")
 
     def spec(self) -> ModelSpec:
         m = self.model

@@ -118,7 +118,7 @@ def test_study_sources_and_filters() -> None:
     opts = PacsBatchOptions(modality="CT", date="20240101-", patient="P1")
     assert study_filters(opts) == {"ModalitiesInStudy": "CT", "StudyDate": "20240101-",
                                    "PatientID": "P1"}
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         PacsBatchOptions(ca_bundle="x.pem", insecure=True)
 
 
