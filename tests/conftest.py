@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,22 @@ def need_tool(name: str) -> str:
         missing(f"the {name} executable")
         raise AssertionError  # unreachable: missing() skips or fails
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str, why_skippable: str) -> Iterator[Path]:
+    """A real full disk: a tmpfs of ``size`` (e.g. "1m") mounted on ``mnt``, unmounted
+    afterwards. Mounting needs root (CAP_SYS_ADMIN); without it the test is skipped, naming
+    ``why_skippable`` (the tests that cover the logic with a simulated ENOSPC)."""
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip(f"no mount command: cannot make a {size} tmpfs for the full-disk test")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a {size} tmpfs needs root (CAP_SYS_ADMIN): "
+                    f"{proc.stderr.strip() or proc.returncode}; {why_skippable}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

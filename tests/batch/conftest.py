@@ -13,6 +13,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from medseg.batch import BatchConfig
 from medseg.synth import write_phantom_study
 
 #: Small phantoms: a whole chest in 24 x 64 x 64 voxels, about a second of U-Net on one core.
@@ -93,3 +94,18 @@ def assert_nothing_partial(out_dir: Path, failed: set[str]) -> None:
     staging = out_dir / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
     assert not [p for p in out_dir.rglob("*partial*")]
+
+
+def threshold_config(src: Path, out: Path, **kw: Any) -> BatchConfig:
+    """A batch config for ``src`` -> ``out`` with the fast threshold method."""
+    return BatchConfig(source=str(src), out_dir=str(out), method="threshold", **kw)
+
+
+@pytest.fixture
+def cohort(tmp_path: Path, make_phantom: Callable[..., Path]) -> Path:
+    """Two good phantom studies (p1, p2) and one with a truncated slice (broken)."""
+    src = tmp_path / "cohort"
+    for seed in (1, 2):
+        make_phantom(src / f"p{seed}", seed)
+    truncate_series(make_phantom(src / "broken", 3))
+    return src

@@ -7,16 +7,14 @@ from __future__ import annotations
 import errno
 import gzip
 import os
-import shutil
 import sqlite3
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from medseg.batch import BatchConfig, StateDB, run_batch
+from medseg.batch import StateDB, run_batch
 from medseg.batch.cli import run
 from medseg.batch.runner import StudyTask, _lost_task, failure_kind
 from medseg.errors import (
@@ -29,21 +27,13 @@ from medseg.errors import (
 )
 from medseg.io._atomic import is_partial_of
 from medseg.io.dicom_seg import SEG_FILENAME
-from tests.batch.conftest import assert_nothing_partial, db_rows, study_dirs, truncate_series
-from tests.conftest import need
-
-
-def _cfg(src: Path, out: Path, **kw: Any) -> BatchConfig:
-    return BatchConfig(source=str(src), out_dir=str(out), method="threshold", **kw)
-
-
-@pytest.fixture
-def cohort(tmp_path: Path, make_phantom: Callable[..., Path]) -> Path:
-    src = tmp_path / "cohort"
-    for seed in (1, 2):
-        make_phantom(src / f"p{seed}", seed)
-    truncate_series(make_phantom(src / "broken", 3))
-    return src
+from tests.batch.conftest import (
+    assert_nothing_partial,
+    db_rows,
+    study_dirs,
+    threshold_config,
+)
+from tests.conftest import need, small_tmpfs
 
 
 def _from(exc: BaseException, cause: BaseException) -> BaseException:
@@ -149,7 +139,7 @@ def test_a_full_disk_spends_no_attempt_and_a_resume_retries_it(
     calls: list[str] = []
     monkeypatch.setattr(Path, "write_bytes", _disk_full_for("p1", calls))
     for n in (1, 2, 3):  # however often the disk is full, p1 keeps its attempts
-        assert run(_cfg(cohort, out)) == 1
+        assert run(threshold_config(cohort, out)) == 1
         rows = db_rows(out)
         assert (rows["p1"]["status"], rows["p1"]["error_kind"], rows["p1"]["attempts"]) == \
             ("failed", "machine", 0)
@@ -168,7 +158,7 @@ def test_a_full_disk_spends_no_attempt_and_a_resume_retries_it(
     assert "No attempt was used" in err and "Fix the input" in err
 
     monkeypatch.undo()  # space freed
-    result = run_batch(_cfg(cohort, out))
+    result = run_batch(threshold_config(cohort, out))
     assert result.processed == ["p1"]  # broken is out of attempts, p1 is not
     rows = db_rows(out)
     assert (rows["p1"]["status"], rows["p1"]["error_kind"]) == ("done", None)
@@ -177,22 +167,11 @@ def test_a_full_disk_spends_no_attempt_and_a_resume_retries_it(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs (needs root: CAP_SYS_ADMIN), unmounted afterwards."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a tmpfs for the full-disk test")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN): "
-                    f"{proc.stderr.strip() or proc.returncode}; "
-                    "test_a_full_disk_spends_no_attempt_and_a_resume_retries_it covers the "
-                    "logic with a simulated ENOSPC")
-    try:
+    """A 2 MB tmpfs, unmounted afterwards."""
+    with small_tmpfs(tmp_path / "disk", "2m",
+                     "test_a_full_disk_spends_no_attempt_and_a_resume_retries_it covers the "
+                     "logic with a simulated ENOSPC") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.shared_data
@@ -207,7 +186,7 @@ def test_a_real_full_disk_then_resume(shared_data: Path, tmp_path: Path,
     out = small_disk / "out"
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * 1_500_000)
-    cfg = _cfg(manifest, out, max_attempts=1)
+    cfg = threshold_config(manifest, out, max_attempts=1)
     first = run_batch(cfg)
     (row,) = first.rows
     assert (row.status, row.error_kind, row.attempts) == ("failed", "machine", 0)

@@ -3,30 +3,21 @@ tampered ones, retry failures up to the limit, recover from a killed run."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import medseg.segment
-from medseg.batch import BatchConfig, StateDB, run_batch
+from medseg.batch import StateDB, run_batch
 from medseg.batch.state import checksum_folder, verify_outputs
 from medseg.errors import OutputError
-from tests.batch.conftest import assert_nothing_partial, db_rows, study_dirs, truncate_series
-
-
-def _cfg(src: Path, out: Path, **kw: Any) -> BatchConfig:
-    return BatchConfig(source=str(src), out_dir=str(out), method="threshold", **kw)
-
-
-@pytest.fixture
-def cohort(tmp_path: Path, make_phantom: Callable[..., Path]) -> Path:
-    src = tmp_path / "cohort"
-    for seed in (1, 2):
-        make_phantom(src / f"p{seed}", seed)
-    truncate_series(make_phantom(src / "broken", 3))
-    return src
+from tests.batch.conftest import (
+    assert_nothing_partial,
+    db_rows,
+    study_dirs,
+    threshold_config,
+)
 
 
 def test_db_lifecycle(tmp_path: Path) -> None:
@@ -71,7 +62,7 @@ def test_verify_outputs(tmp_path: Path) -> None:
 
 def test_second_run_skips_verified_and_redoes_tampered(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = run_batch(_cfg(cohort, out))
+    first = run_batch(threshold_config(cohort, out))
     assert sorted(first.processed) == ["broken", "p1", "p2"]
     assert [r.study_id for r in first.failed] == ["broken"]
     assert study_dirs(out) == {"p1", "p2"}
@@ -81,7 +72,7 @@ def test_second_run_skips_verified_and_redoes_tampered(cohort: Path, tmp_path: P
     data[-1] ^= 0xFF  # same size, one byte changed
     lungs.write_bytes(bytes(data))
     notes: list[str] = []
-    second = run_batch(_cfg(cohort, out), log=notes.append)
+    second = run_batch(threshold_config(cohort, out), log=notes.append)
     assert second.skipped == ["p1"]
     assert sorted(second.processed) == ["broken", "p2"]  # broken: its second attempt
     assert any("p2" in n and "SHA-256 differs" in n for n in notes)
@@ -99,17 +90,17 @@ def test_second_run_skips_verified_and_redoes_tampered(cohort: Path, tmp_path: P
 def test_failed_study_is_retried_up_to_max_attempts(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     for attempt in (1, 2):
-        run_batch(_cfg(cohort, out))
+        run_batch(threshold_config(cohort, out))
         row = db_rows(out)["broken"]
         assert (row["status"], row["attempts"]) == ("failed", attempt)
         assert row["error_type"] == "PixelDataError" and "truncated" in row["error_message"]
         assert row["traceback"] is None  # an expected medseg error: its message says it all
-    third = run_batch(_cfg(cohort, out))
+    third = run_batch(threshold_config(cohort, out))
     assert third.processed == [] and third.exhausted == ["broken"]
     assert db_rows(out)["broken"]["attempts"] == 2
     assert [r.study_id for r in third.failed] == ["broken"]
     # a higher limit gives it one more try
-    fourth = run_batch(_cfg(cohort, out, max_attempts=3))
+    fourth = run_batch(threshold_config(cohort, out, max_attempts=3))
     assert fourth.processed == ["broken"] and db_rows(out)["broken"]["attempts"] == 3
     assert_nothing_partial(out, {"broken"})
     # the summary keeps the failure and its reason
@@ -133,7 +124,7 @@ def test_unexpected_error_is_retried_at_once_and_keeps_a_traceback(
 
     monkeypatch.setattr(medseg.segment, "segment_study", flaky)
     out = tmp_path / "out"
-    result = run_batch(_cfg(cohort, out))
+    result = run_batch(threshold_config(cohort, out))
     rows = db_rows(out)
     assert (rows["p1"]["status"], rows["p1"]["attempts"]) == ("done", 2)
     assert (rows["p2"]["status"], rows["p2"]["attempts"]) == ("failed", 2)
@@ -148,7 +139,7 @@ def test_unexpected_error_is_retried_at_once_and_keeps_a_traceback(
 
 def test_killed_run_leftovers_are_cleaned(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_batch(_cfg(cohort, out))
+    run_batch(threshold_config(cohort, out))
     # what a run killed in the middle leaves: a study "running", its staging folder, and
     # (killed between the rename and the database update) an unrecorded output folder
     with StateDB(out / "batch.sqlite") as db:
@@ -158,7 +149,7 @@ def test_killed_run_leftovers_are_cleaned(cohort: Path, tmp_path: Path) -> None:
     (out / ".staging" / "p1-deadbeef").mkdir(parents=True)
     (out / ".staging" / "p1-deadbeef" / "lungs.nii.gz").write_bytes(b"partial")
     notes: list[str] = []
-    result = run_batch(_cfg(cohort, out), log=notes.append)
+    result = run_batch(threshold_config(cohort, out), log=notes.append)
     assert result.interrupted == ["p1"]
     assert "p1" in result.processed
     assert any("staging" in n for n in notes)
@@ -168,8 +159,8 @@ def test_killed_run_leftovers_are_cleaned(cohort: Path, tmp_path: Path) -> None:
 
 def test_changed_parameters_redo_the_study(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_batch(_cfg(cohort, out))
-    result = run_batch(_cfg(cohort, out, show_phi=True))
+    run_batch(threshold_config(cohort, out))
+    result = run_batch(threshold_config(cohort, out, show_phi=True))
     assert sorted(result.processed) == ["broken", "p1", "p2"]
     assert result.skipped == []
 
@@ -182,7 +173,7 @@ def test_one_run_per_output_folder(cohort: Path, tmp_path: Path) -> None:
     with open(out / "batch.lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(OutputError, match="another 'medseg batch'"):
-            run_batch(_cfg(cohort, out))
+            run_batch(threshold_config(cohort, out))
 
 
 def test_a_folder_that_is_not_a_study_output_is_never_deleted(cohort: Path,
@@ -191,7 +182,7 @@ def test_a_folder_that_is_not_a_study_output_is_never_deleted(cohort: Path,
     (out / "p1").mkdir(parents=True)
     (out / "p1" / "precious.dcm").write_bytes(b"user data")
     with pytest.raises(OutputError, match="not medseg outputs"):
-        run_batch(_cfg(cohort, out))
+        run_batch(threshold_config(cohort, out))
     assert (out / "p1" / "precious.dcm").read_bytes() == b"user data"
 
 
@@ -207,7 +198,7 @@ def test_ctrl_c_gives_the_attempt_back(cohort: Path, tmp_path: Path,
     monkeypatch.setattr(medseg.segment, "segment_study", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_batch(_cfg(cohort, out))
+        run_batch(threshold_config(cohort, out))
     rows = db_rows(out)
     assert (rows["p1"]["status"], rows["p1"]["attempts"]) == ("pending", 0)
     assert not any((out / ".staging").iterdir())

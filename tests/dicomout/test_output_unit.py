@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +33,7 @@ from medseg.io.dicom_sr import SR_FILENAME
 from medseg.segment import OUTPUT_NAMES, REPORT_FILENAMES, SUMMARY_FILENAME, segment_study
 from medseg.synth import write_phantom_study
 from medseg.validation import MASK_NAME
-from tests.conftest import need
+from tests.conftest import need, small_tmpfs
 
 DICOM_NAMES = {SEG_FILENAME, SR_FILENAME}
 USER_FILE = "my notes.txt"
@@ -369,21 +367,9 @@ def test_no_space_while_writing_leaves_the_previous_set(
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MB tmpfs (needs root: CAP_SYS_ADMIN), unmounted afterwards."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a 1 MB tmpfs for the full-disk test")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip("mounting a 1 MB tmpfs needs root (CAP_SYS_ADMIN): "
-                    f"{proc.stderr.strip() or proc.returncode}; the simulated ENOSPC tests "
-                    "cover the logic")
-    try:
+    """A 1 MB tmpfs, unmounted afterwards."""
+    with small_tmpfs(tmp_path / "tiny", "1m", "the simulated ENOSPC tests cover the logic") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.shared_data
