@@ -540,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_synth)
 
+    from medseg.qc_cli import register as register_qc
+
+    register_qc(sub)
     from medseg.batch.cli import register as register_batch
 
     register_batch(sub)

@@ -71,6 +71,8 @@ class Segmentation:
     model: dict[str, Any] | None
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    #: The quality verdict (:meth:`medseg.qc.QCResult.to_dict`), None when QC was not run.
+    qc: dict[str, Any] | None = None
 
     def volumes_ml(self) -> dict[str, float]:
         # count_nonzero per label: bincount would widen every voxel to int64 (10x slower)
@@ -117,8 +119,11 @@ def check_input(volume: CTVolume) -> list[str]:
 
 def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any = None,
             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Segmentation:
-    """Segment the lungs of ``volume``; labels come back on its exact grid."""
+            progress: Callable[[int, int], None] | None = None,
+            qc: bool = True) -> Segmentation:
+    """Segment the lungs of ``volume``; labels come back on its exact grid. With ``qc``
+    (default) the mask's quality verdict (:func:`medseg.qc.quality_check`) is in
+    ``.qc``."""
     try:
         method = Method(method)
     except ValueError as exc:
@@ -170,6 +175,12 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
             result.warnings.append(
                 f"total lung volume {vols['total']:.0f} mL is outside the plausible "
                 f"{lo:.0f}-{hi:.0f} mL: partial field of view, or not a chest CT?")
+    if qc:
+        from medseg.qc import quality_check
+
+        t1 = time.perf_counter()
+        result.qc = quality_check(volume, labels).to_dict()
+        result.timings["qc_s"] = round(time.perf_counter() - t1, 3)
     return result
 
 
@@ -234,7 +245,8 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
         sid = study_id or _default_study_id(Path(input_path))
         report_dict = study_report(volume, result.labels, study_id=sid, method=result.method,
                                    model=result.model, reference=ref,
-                                   warnings=result.warnings, show_phi=show_phi)
+                                   warnings=result.warnings, show_phi=show_phi,
+                                   qc=result.qc)
         report_files = render_study_files(report_dict, volume, result.labels)
         measurements = report_dict["measurements"]
     t_report = time.perf_counter() - t1
@@ -275,6 +287,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                    str(LABEL_LEFT): "left lung"},
         "volumes_ml": result.volumes_ml(),
         "warnings": result.warnings,
+        "qc": result.qc,
         "timings_s": {"load": round(t_load, 3), **result.timings,
                       "write": round(t_write, 3),
                       "total": round(time.perf_counter() - t0, 3)},

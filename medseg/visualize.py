@@ -63,10 +63,15 @@ def _panel(sl_ct: npt.NDArray[Any], sl_lab: npt.NDArray[Any], size: tuple[int, i
 
 
 def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n: int = 6,
-                    columns: int = 3, panel_width: int = 256) -> bytes:
+                    columns: int = 3, panel_width: int = 256,
+                    highlight: int | None = None) -> bytes:
     """PNG bytes: ``n`` evenly spaced slices through the lungs with the right lung (label 1)
     in red and the left lung (label 2) in blue, tinted and outlined over the CT in a lung
     window; each panel ``panel_width`` pixels wide at the slice's true aspect ratio.
+
+    ``highlight`` (axial view only) is a slice number as the panels count them (1 = most
+    inferior): it replaces the nearest evenly spaced slice and is framed in red (the slice
+    the quality check asks a person to look at).
 
     Drawn with numpy and Pillow (no plotting library): the report of a 512 x 512 x 141
     study is on the critical path of ``medseg segment``."""
@@ -86,6 +91,11 @@ def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n
     if present.size == 0:
         present = np.arange(ct.shape[axis])
     picks = np.linspace(present[0], present[-1], n + 2)[1:-1].round().astype(int)
+    marked = -1
+    if highlight is not None and view == "axial":
+        marked = int(np.clip(highlight - 1, 0, ct.shape[0] - 1))
+        picks[int(np.argmin(np.abs(picks - marked)))] = marked
+        picks = np.unique(picks)
     rows = int(np.ceil(n / columns))
     height, width = np.take(ct, 0, axis=axis).shape  # pixels of one slice
     size = (panel_width, max(1, round(panel_width * height * aspect / width)))
@@ -100,8 +110,14 @@ def overlay_montage(image: CTVolume, labels: CTVolume, *, view: str = "axial", n
             sl_ct, sl_lab = sl_ct[::-1], sl_lab[::-1]  # superior at the top
         x0 = gap + (i % columns) * (size[0] + gap)
         y0 = gap + (i // columns) * (size[1] + title_h + gap)
-        draw.text((x0, y0), f"{view} {idx + 1}/{ct.shape[axis]}", fill="black")
+        look = idx == marked
+        draw.text((x0, y0), f"{view} {idx + 1}/{ct.shape[axis]}" + ("  look here" if look
+                                                                    else ""),
+                  fill="#c62828" if look else "black")
         canvas.paste(Image.fromarray(_panel(sl_ct, sl_lab, size)), (x0, y0 + title_h))
+        if look:
+            draw.rectangle((x0 - 3, y0 + title_h - 3, x0 + size[0] + 2,
+                            y0 + title_h + size[1] + 2), outline="#c62828", width=3)
     draw.text((gap, canvas.height - legend_h + 2), "red: right lung (1)   blue: left lung (2)"
               "   patient right on image left", fill="black")
     buf = io.BytesIO()

@@ -96,6 +96,16 @@ def _print_summary(result: BatchResult) -> None:
     if times:
         print(f"  seconds per study this run: median {statistics.median(times):.1f}, "
               f"max {max(times):.1f}")
+    review = [r for r in done if r.result.get("qc_verdict") == "review"]
+    if review:
+        width = max(len(r.study_id) for r in review)
+        print(f"  review first: {_studies(len(review))} whose mask the quality check doubts "
+              "(summary.csv lists them first, with the reasons):")
+        for r in review[:20]:
+            first = (r.result.get("qc_reasons") or [""])[0]
+            print(f"    {r.study_id:<{width}}  {first[:100]}")
+        if len(review) > 20:
+            print(f"    ... and {len(review) - 20} more")
     n_warn = sum(1 for r in done if r.result.get("warnings"))
     if n_warn:
         print(f"  {_studies(n_warn)} with warnings (see the 'warnings' column of "

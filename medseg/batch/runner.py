@@ -204,15 +204,18 @@ def _worker_name() -> str:
 
 
 def _study_result(staging: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """The small per-study result recorded in the database: volumes, warnings, Dice."""
+    """The small per-study result recorded in the database: volumes, warnings, Dice, the QC
+    verdict and its reasons."""
     dice = None
     report = staging / "report.json"
     if report.is_file():
         metrics = json.loads(report.read_text(encoding="utf-8")).get("metrics")
         if metrics:
             dice = {label: m.get("dice") for label, m in metrics.items()}
+    qc = summary.get("qc") or {}
     return {"volumes_ml": summary["volumes_ml"], "warnings": list(summary["warnings"]),
-            "dice": dice}
+            "dice": dice, "qc_verdict": qc.get("verdict"),
+            "qc_reasons": list(qc.get("reasons") or [])}
 
 
 def _caused_by_the_system(exc: BaseException) -> bool:

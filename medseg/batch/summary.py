@@ -27,22 +27,28 @@ from medseg.errors import MedsegError
 __all__ = ["SUMMARY_COLUMNS", "Validation", "summary_rows", "write_summary",
            "write_validation"]
 
-SUMMARY_COLUMNS = ("study_id", "status", "attempts", "source", "reference", "right_ml",
+SUMMARY_COLUMNS = ("study_id", "status", "qc_verdict", "qc_reasons", "attempts", "source",
+                   "reference", "right_ml",
                    "left_ml", "total_ml", "lung_dice", "right_dice", "left_dice",
                    "n_warnings", "warnings", "seconds", "started_at", "finished_at", "worker",
                    "error_kind", "error_type", "error_message")
 
 
 def summary_rows(rows: list[StudyRow]) -> list[dict[str, Any]]:
-    """Flat dicts with :data:`SUMMARY_COLUMNS` (empty strings where a value is missing)."""
+    """Flat dicts with :data:`SUMMARY_COLUMNS` (empty strings where a value is missing).
+    Studies to look at come first: failed ones, then those whose QC verdict is ``review``,
+    then the rest, each group in the given order."""
     out = []
-    for r in rows:
+    for r in sorted(rows, key=_look_first):
         vols = r.result.get("volumes_ml") or {}
         dice = r.result.get("dice") or {}
         warnings = r.result.get("warnings") or []
         failed = r.status != "done"
         out.append({
-            "study_id": r.study_id, "status": r.status, "attempts": r.attempts,
+            "study_id": r.study_id, "status": r.status,
+            "qc_verdict": "" if failed else (r.result.get("qc_verdict") or ""),
+            "qc_reasons": "" if failed else "; ".join(r.result.get("qc_reasons") or []),
+            "attempts": r.attempts,
             "source": r.source, "reference": r.reference or "",
             "right_ml": vols.get("right", ""), "left_ml": vols.get("left", ""),
             "total_ml": vols.get("total", ""),
@@ -57,6 +63,12 @@ def summary_rows(rows: list[StudyRow]) -> list[dict[str, Any]]:
             "error_message": (r.error_message or "") if failed else "",
         })
     return out
+
+
+def _look_first(r: StudyRow) -> int:
+    if r.status != "done":
+        return 0
+    return 1 if r.result.get("qc_verdict") == "review" else 2
 
 
 def write_summary(out: Path, rows: list[StudyRow]) -> Path:

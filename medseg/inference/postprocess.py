@@ -15,7 +15,7 @@ from scipy import ndimage
 if TYPE_CHECKING:
     from medseg.volume import Geometry
 
-__all__ = ["LABEL_LEFT", "LABEL_RIGHT", "bounding_box", "postprocess_labels"]
+__all__ = ["LABEL_LEFT", "LABEL_RIGHT", "bounding_box", "midline_x", "postprocess_labels"]
 
 LABEL_RIGHT = 1
 LABEL_LEFT = 2
@@ -246,7 +246,7 @@ def _under_fraction(comp: npt.NDArray[np.int32], alive: npt.NDArray[np.bool_],
     return float(np.count_nonzero(above & own) / n) if n else 0.0
 
 
-def _midline_x(hu: npt.NDArray[Any], geometry: Geometry, axial_axis: int,
+def midline_x(hu: npt.NDArray[Any], geometry: Geometry, axial_axis: int,
                axial: slice, ap: slice) -> tuple[float, str]:
     """World x (LPS mm) of the patient's midline over the lungs' axial range, and how it was
     found: ``"spine"``, ``"body"`` or, where the body touches a lateral edge of the field of
@@ -364,7 +364,7 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
         in_plane = [a for a in range(3) if a != axial_axis]
         cx = _coefficients(geometry, 0)
         apx = min(in_plane, key=lambda a: abs(cx[a]))
-        mid, how = _midline_x(hu, geometry, axial_axis,
+        mid, how = midline_x(hu, geometry, axial_axis,
                               slice(box[axial_axis].start + lo[axial_axis],
                                     box[axial_axis].start + hi[axial_axis]),
                               slice(box[apx].start + lo[apx], box[apx].start + hi[apx]))

@@ -21,7 +21,7 @@ from medseg.inference.postprocess import (
 )
 from medseg.volume import CTVolume
 
-__all__ = ["threshold_labels"]
+__all__ = ["BODY_MIN_HU", "outside_air", "threshold_labels"]
 
 #: Body vs surrounding air: fat is about -100 HU, air -1000; -500 sits between.
 BODY_MIN_HU = -500.0
@@ -35,7 +35,7 @@ MIN_COMPONENT_ML = 20.0
 SECOND_LUNG_FRACTION = 0.15
 
 
-def _outside_air(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+def outside_air(air: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """Air connected, within its own slice, to that slice's border (around the body, under
     the table). Slice by slice: in 3D the airways would join the lungs to the air above the
     head or shoulders wherever the scan extends beyond the body."""
@@ -56,7 +56,7 @@ def threshold_labels(volume: CTVolume) -> npt.NDArray[np.uint8]:
     hu = volume.array
     out = np.zeros(volume.shape, np.uint8)
     air = hu < LUNG_MAX_HU
-    inside = air & ~_outside_air(hu < BODY_MIN_HU)
+    inside = air & ~outside_air(hu < BODY_MIN_HU)
     box = bounding_box(inside)
     if box is None:
         return out

@@ -14,6 +14,9 @@ Schema (``schema_version`` 1)::
      "metrics": {right|left|lung: {dice, iou, hd, hd95, assd, nsd, volume_diff_ml}} | null
                 (only "lung" when the reference has one label for both lungs),
      "warnings": [str],
+     "qc": {"verdict": "ok" | "review", "reasons": [str], "notes": [str],
+            "slice": int | null, "signals": {...}} | null   (medseg.qc; schema 1 readers
+            that do not know the key can ignore it),
      "patient": {"id", "name", "study_date"}  (only with show_phi)}
 
 Distances are in mm; an infinite distance (a missed lung) is written as the string "inf".
@@ -89,8 +92,8 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
                  method: str | None = None, model: dict[str, Any] | None = None,
                  reference: CTVolume | None = None, warnings: list[str] | None = None,
                  show_phi: bool = False,
-                 reference_labels: str | LabelConvention = DEFAULT_REF_LABELS
-                 ) -> dict[str, Any]:
+                 reference_labels: str | LabelConvention = DEFAULT_REF_LABELS,
+                 qc: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report as a dict (JSON-ready after :func:`medseg.evaluate.to_jsonable`).
     ``reference`` (labels on the same grid) adds validation metrics; its values are read
     through ``reference_labels`` (default ``auto``: right=1,left=2, or lung=1 for a 0/1
@@ -136,6 +139,7 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
         "histogram": q["histogram"],
         "metrics": metrics,
         "warnings": list(dict.fromkeys([*(warnings or []), *q["warnings"], *notes])),
+        "qc": qc,
     }
     if show_phi:
         report["patient"] = {"id": md.patient_id, "name": md.patient_name,
@@ -156,6 +160,9 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
             for key, value in report["metrics"].get(label, {}).items():
                 row[f"{label}_{key}"] = value
     row["n_warnings"] = len(report["warnings"])
+    qc = report.get("qc")
+    row["qc_verdict"] = qc["verdict"] if qc else ""
+    row["qc_reasons"] = "; ".join(qc["reasons"]) if qc else ""
     return dict(to_jsonable(row))
 
 
@@ -184,8 +191,11 @@ def _histogram_png(report: dict[str, Any]) -> bytes:
 
 
 def render_html(report: dict[str, Any], image: CTVolume, labels: CTVolume) -> str:
+    qc = report.get("qc") or {}
+    look = qc.get("slice") if qc.get("verdict") == "review" else None
     images = {
-        "axial": png_data_uri(overlay_montage(image, labels, view="axial", n=6)),
+        "axial": png_data_uri(overlay_montage(image, labels, view="axial", n=6,
+                                              highlight=look)),
         "coronal": png_data_uri(overlay_montage(image, labels, view="coronal", n=3)),
         "histogram": png_data_uri(_histogram_png(report)),
     }
