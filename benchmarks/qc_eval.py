@@ -7,15 +7,15 @@ Cases (every one built from ``../shared/data`` at run time, deterministic):
 * **clean** (a correct mask: should be ``ok``): lung2d-v2's masks of chest-ct-philips-141,
   LIDC-IDRI-0001, LungFCP-01-0001, RIDER-0117, cip-ct64, the abdominal totalseg CT, the
   sample phantom (and its exact labels), LIDC with 80 HU noise and with 5 mm slices, the
-  LIDC right/left hemithorax and apex crops, and each chest study with a 40 mm mass
-  inserted whose mask includes the mass;
+  LIDC right/left hemithorax and apex crops, and each chest study with a 50 mm mass
+  inserted (against the pleura, and at the hilum) whose mask includes the mass;
 * **failure** (robustness-suite cases a model got wrong: should be ``review``): lung2d-v2 on
   the three LIDC lesion copies (consolidation and masses partly left out) and on the
   base-40 % crop; lung2d-v1 on the lesion copies and on the left hemithorax (55 % labelled
   right);
 * **damaged** (a correct mask deliberately broken: should be ``review``): right lung
   removed, left lung removed, sides swapped, mask shifted 10 mm to the patient's left and
-  10 mm anteriorly, gas below the lungs added as lung, the inserted 40 mm mass cut out.
+  10 mm anteriorly, gas below the lungs added as lung, each inserted 50 mm mass cut out.
 
 Prints one table (case, kind, verdict, reasons) and the rates; ``--out`` also writes
 ``qc_eval.json``. The masks are cached in ``--out`` (``masks/*.npy``), so a second run only
@@ -191,17 +191,27 @@ def main(argv: list[str] | None = None) -> int:
             d = m.copy()
             d[gas] = 2
             cases.append((f"{name}: gas below the lungs added", "damaged", vol, d))
-        # a 40 mm mass against the pleura: included (clean) and cut out (damaged)
-        hu_c2, sp2 = to_canonical(vol, vol.array.astype(np.float32))
-        lab_c2, _ = to_canonical(vol, m)
-        les = insert_lesion(hu_c2, lab_c2, sp2, np.random.default_rng([12, 9]), "mass",
-                            anchor="pleura", side=1, diameter_mm=40.0)
-        if les is not None and les.voxels * float(np.prod(sp2)) / 1000 > 5.0:
-            lvol = vol.with_array(from_canonical(vol, hu_c2).astype(vol.array.dtype))
-            cases.append((f"{name} + 40 mm mass, included", "clean", lvol, m))
+        # a 50 mm mass against the pleura and one at the hilum: included (clean) and cut
+        # out (damaged); a placement that leaves under 20 mL of mass in the lung is redrawn
+        for anchor in ("pleura", "hilum"):
+            hu_c2, sp2 = to_canonical(vol, vol.array.astype(np.float32))
+            lab_c2, _ = to_canonical(vol, m)
+            rng = np.random.default_rng([12, 9])
+            for _try in range(10):
+                trial = hu_c2.copy()
+                les = insert_lesion(trial, lab_c2, sp2, rng, "mass", anchor=anchor, side=1,
+                                    diameter_mm=50.0)
+                if les is not None and les.voxels * float(np.prod(sp2)) / 1000 >= 20.0:
+                    break
+            else:
+                continue
+            ml = les.voxels * float(np.prod(sp2)) / 1000
+            lvol = vol.with_array(from_canonical(vol, trial).astype(vol.array.dtype))
+            cases.append((f"{name} + 50 mm mass ({anchor}, {ml:.0f} mL), included", "clean",
+                          lvol, m))
             d = m.copy()
             d[from_canonical(vol, les.mask)] = 0
-            cases.append((f"{name} + 40 mm mass: cut out", "damaged", lvol, d))
+            cases.append((f"{name} + 50 mm mass ({anchor}): cut out", "damaged", lvol, d))
 
     rows: list[dict[str, Any]] = []
     qc_times: list[float] = []

@@ -32,11 +32,16 @@ whatever model made it:
 ``gas_in_mask``
     gas (below :data:`GAS_HU`) labelled lung whose walls are soft tissue (median HU of the
     surrounding shell above :data:`WALL_MIN_HU`; at least :data:`GAS_MIN_ML`): stomach,
-    bowel or airway gas called lung. Emphysema and bullae have lung around them.
+    bowel or airway gas called lung. Emphysema and thin-walled bullae have lung around them;
+    a thick-walled cavity in a tumour (which is lung) is flagged too: the reason says so.
 ``dense_left_out``
-    dense tissue (above :data:`DENSE_HU`) that a lung's in-slice closing of radius
-    :data:`ENCLOSED_RADIUS_MM` encloses but the mask leaves out, at least
-    :data:`DENSE_MIN_ML`: a tumour or consolidation dropped from the lung.
+    dense tissue (above :data:`DENSE_HU`) that a lung surrounds within an axial slice (a
+    hole of any size) or that its in-slice closing (half-width
+    :data:`ENCLOSED_RADIUS_MM`) encloses, with lung above and below it (so not the liver
+    dome that a lung base rings), left out of the mask, at least
+    :data:`DENSE_MIN_ML`: a tumour or consolidation dropped from the lung. A lesion against
+    the chest wall or the mediastinum that leaves a wide bite in the lung's outline is NOT
+    found this way (measured: docs/concepts/quality-control.md).
 ``slice_jump``
     an axial slice whose lung area differs from both neighbours by more than
     :data:`JUMP_FRACTION` while they agree: a slice the mask got wrong.
@@ -93,7 +98,7 @@ MISSED_MIN_ML = 30.0
 #: (cm^2) is an airway (trachea about 2-3 cm^2, more with partial volume), not missed lung.
 AIRWAY_MAX_CM2 = 6.0
 #: Fraction of the shell just outside the mask (inside the body) that is aerated tissue.
-EDGE_AERATED_MAX = 0.3
+EDGE_AERATED_MAX = 0.25
 #: Gas: below this HU.
 GAS_HU = -950.0
 #: Walls of a gas pocket that are soft tissue: median HU of its shell above this.
@@ -116,6 +121,9 @@ JUMP_MIN_CM2 = 10.0
 CUT_MIN_CM2 = 2.0
 
 SIDES = {LABEL_RIGHT: "right", LABEL_LEFT: "left"}
+#: Face neighbours within an axial slice of the canonical (S, P, L) grid.
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclass
@@ -405,9 +413,9 @@ def _gas(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any], flag: A
                     worst = (ml, _box_centre_slice(box, piece))
     signals["gas_in_mask_ml"] = round(total, 1)
     if worst is not None:
-        flag(f"{total:.0f} mL labelled lung is gas with soft-tissue walls (stomach, bowel or "
-             f"airway?), the largest pocket {worst[0]:.0f} mL around {g.where(worst[1])}",
-             worst[1])
+        flag(f"{total:.0f} mL labelled lung is gas with soft-tissue walls (stomach, bowel, "
+             f"airway, or a cavity in a lesion?), the largest pocket {worst[0]:.0f} mL "
+             f"around {g.where(worst[1])}", worst[1])
 
 
 def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
@@ -426,7 +434,16 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
             continue
         padded = np.pad(lung[box].view(np.uint8), ((0, 0), (ry, ry), (rx, rx)))
         closed = ndimage.minimum_filter(ndimage.maximum_filter(padded, size), size)
-        left_out[box] |= closed[:, ry:-ry, rx:-rx].astype(bool) & ~mask[box] & dense[box]
+        enclosed = closed[:, ry:-ry, rx:-rx].astype(bool)
+        # and every hole of the lung within its slice, however large
+        enclosed |= ndimage.binary_fill_holes(lung[box], _IN_PLANE)
+        # and lung above and below it in its column: not the liver or spleen dome that a
+        # lung base rings within a slice
+        sub = lung[box]
+        below = np.logical_or.accumulate(sub, axis=0)
+        above = np.logical_or.accumulate(sub[::-1], axis=0)[::-1]
+        enclosed &= below & above
+        left_out[box] |= enclosed & ~mask[box] & dense[box]
     comp, n = _components(left_out)
     total = 0.0
     worst: tuple[float, int] | None = None
