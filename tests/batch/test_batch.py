@@ -104,6 +104,11 @@ def test_cohort_of_ten_with_two_broken_on_two_workers(
     assert summary["wrong_modality"]["error_kind"] == "input"  # the study, not the machine
     assert summary["broken_truncated"]["status"] == "failed"
     assert float(summary["phantom_2"]["total_ml"]) > 0
+    # every segmented study has its QC verdict, failed ones none; failures are listed first
+    assert all(summary[k]["qc_verdict"] in ("ok", "review") for k in good)
+    assert all(summary[k]["qc_verdict"] == "" for k in bad)
+    order = list(summary)
+    assert set(order[:len(bad)]) == bad
     assert summary["phantom_2"]["lung_dice"] != "" and summary["cip_dicom"]["lung_dice"] == ""
     assert "10 studies" in captured.out and "8 done" in captured.out
     assert "2 failed" in captured.out and "Dice vs reference" in captured.out

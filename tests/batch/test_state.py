@@ -105,7 +105,7 @@ def test_failed_study_is_retried_up_to_max_attempts(cohort: Path, tmp_path: Path
     assert_nothing_partial(out, {"broken"})
     # the summary keeps the failure and its reason
     summary = (out / "summary.csv").read_text()
-    assert "broken,failed,3," in summary and "PixelDataError" in summary
+    assert "broken,failed,,,3," in summary and "PixelDataError" in summary
 
 
 def test_unexpected_error_is_retried_at_once_and_keeps_a_traceback(

@@ -188,3 +188,24 @@ def test_model_card_claim_on_cip_heldout(shared_data: Path, capsys) -> None:
     for label in ("right", "left"):
         assert res["metrics"][label]["dice"] >= 0.95
         assert res["metrics"][label]["hd95"] <= 10.0
+
+
+def test_philips_quality_verdict_ok_and_damage_found(philips) -> None:
+    """The QC verdict on a real chest CT: the shipped model's mask is ok (no false alarm),
+    and the same mask with a lung removed, the sides swapped or shifted 10 mm is review."""
+    from medseg.qc import OK, REVIEW, quality_check
+
+    image, unet, _ = philips
+    lab = np.asarray(unet.array)
+    clean = quality_check(image, lab)
+    assert clean.verdict == OK, clean.reasons
+    no_left = quality_check(image, np.where(lab == 2, 0, lab))
+    assert no_left.verdict == REVIEW
+    assert no_left.signals["aerated_missed_ml"] > 1000  # the left lung, found unlabelled
+    swapped = lab.copy()
+    swapped[lab == 1], swapped[lab == 2] = 2, 1
+    assert any("swapped" in r for r in quality_check(image, swapped).reasons)
+    step = round(10.0 / image.spacing[0])
+    shifted = np.roll(lab, step, axis=2)
+    shifted[:, :, :step] = 0
+    assert quality_check(image, shifted).verdict == REVIEW
