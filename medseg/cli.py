@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg._version import __version__
+from medseg.conventions import METHODS, Method
 from medseg.errors import MedsegError
 from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
@@ -161,7 +162,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                progress=progress, reference=args.reference,
                                report=not args.no_report, study_id=args.study_id,
                                show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg)
-    except KeyboardInterrupt as exc:  # Ctrl-C: the outputs are one unit (medseg.io._atomic)
+    except KeyboardInterrupt as exc:  # Ctrl-C: the outputs are one unit (medseg.io.atomic)
         if progress.enabled:
             print(file=sys.stderr)  # end the progress line
         state = str(exc) or "nothing written, the output folder is as it was"
@@ -407,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="DICOM folder/file, NIfTI, NRRD or MHA (CT in HU)")
     p.add_argument("-o", "--out-dir", type=Path, required=True, help="output folder")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
-    p.add_argument("--method", choices=["unet", "threshold"], default="unet",
+    p.add_argument("--method", choices=METHODS, default=Method.UNET.value,
                    help="unet (default): the trained 2D U-Net; threshold: the classical "
                    "HU-threshold baseline")
     p.add_argument("--model", default=None,
@@ -489,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-data", type=Path, default=None,
                    help="folder holding cip-ct64 (default $MEDSEG_SHARED_DATA or "
                    "../shared/data)")
-    p.add_argument("--method", choices=["unet", "threshold"], default="unet",
+    p.add_argument("--method", choices=METHODS, default=Method.UNET.value,
                    help="what to score (default unet)")
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default "
@@ -508,7 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run", help="run a job described by a pipelines/*.yaml file",
-        description="Run the job a YAML config describes (its 'job' key).")
+        description="Run the job a YAML config describes: its 'job' key says which ('batch': "
+        "segment a folder, a manifest or a DICOMweb server, as 'medseg batch'; 'train': train "
+        "a model, as 'medseg train'), the other keys are that command's options. The file is "
+        "read with yaml.safe_load and validated before anything runs: an unknown key or a bad "
+        "value is an error naming the file. Examples: pipelines/batch_lung.yaml, "
+        "pipelines/train_lung2d_v2.yaml.")
     p.add_argument("config", type=Path, help="pipeline config (YAML)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output")
     p.set_defaults(func=_cmd_run)

@@ -26,16 +26,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from medseg.conventions import LAA_THRESHOLD_HU, PD_PERCENTILE
 from medseg.errors import InputError
 from medseg.inference.postprocess import bounding_box
 from medseg.volume import CTVolume
 
 __all__ = ["HIST_EDGES", "LAA_THRESHOLD_HU", "PD_PERCENTILE", "quantify"]
 
-#: Emphysema threshold (Gevenois 1996): voxels below it are "low-attenuation".
-LAA_THRESHOLD_HU = -950.0
-#: Percentile of the lung density distribution reported as PD15.
-PD_PERCENTILE = 15.0
 #: Histogram bin edges (HU).
 HIST_EDGES = np.arange(-1100.0, 201.0, 10.0)
 #: Slice thickness above which LAA-950 and PD15 shift (partial volume smooths the noise

@@ -4,7 +4,7 @@
 2 left lung); ``segment_study(input, out_dir)`` loads, segments and writes
 ``lungs.nii.gz``, ``segment.json``, the report and (for DICOM) the SEG and SR as one unit,
 as ``medseg segment`` does: a locked output folder, a staging folder swapped in whole, the
-earlier run's other outputs removed (the design is in :mod:`medseg.io._atomic`).
+earlier run's other outputs removed (the design is in :mod:`medseg.io.atomic`).
 """
 
 from __future__ import annotations
@@ -13,35 +13,36 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg._version import __version__
+from medseg.conventions import (
+    MASK_NAME,
+    OUTPUT_NAMES,
+    REPORT_FILENAMES,
+    SEG_FILENAME,
+    SR_FILENAME,
+    SUMMARY_FILENAME,
+    Method,
+)
 from medseg.errors import ConfigError, InputError, ModalityError
 from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from medseg.inference.postprocess import LABEL_LEFT, LABEL_RIGHT, postprocess_labels
 from medseg.inference.threshold import BODY_MIN_HU, threshold_labels
 from medseg.io import load, save
-from medseg.io._atomic import atomic_output, output_unit
-from medseg.io.dicom_seg import SEG_FILENAME
-from medseg.io.dicom_sr import SR_FILENAME
-from medseg.validation import MASK_NAME
+from medseg.io.atomic import atomic_output, output_unit
 from medseg.volume import CTVolume
 
-__all__ = ["OUTPUT_NAMES", "Method", "Segmentation", "StudyResult", "check_input", "segment",
-           "segment_study"]
+__all__ = ["OUTPUT_NAMES", "REPORT_FILENAMES", "SUMMARY_FILENAME", "Method", "Segmentation",
+           "StudyResult", "check_input", "segment", "segment_study"]
 
-#: The commit record of a study's outputs (see :func:`segment_study`): what ran, and which
-#: files belong to it.
-SUMMARY_FILENAME = "segment.json"
-#: The files of the per-study report (the keys of :func:`medseg.report.study.render_study_files`).
-REPORT_FILENAMES = ("report.json", "report.html", "report.csv")
-#: Every file :func:`segment_study` may write into its output folder. They are one unit: a
-#: run deletes those of an earlier run that it does not write itself.
-OUTPUT_NAMES = (MASK_NAME, SUMMARY_FILENAME, *REPORT_FILENAMES, SEG_FILENAME, SR_FILENAME)
+# SUMMARY_FILENAME (segment.json) is the commit record of a study's outputs: what ran, and
+# which files belong to it. OUTPUT_NAMES are every file segment_study may write into its
+# output folder; they are one unit: a run deletes those of an earlier run that it does not
+# write itself. Both are defined in medseg.conventions.
 
 #: Plausible adult total lung volume at CT (mL): roughly 2-9 L across sex, size, disease and
 #: inspiration (e.g. COPDGene TLC/FRC ranges). Outside it a warning is written.
@@ -57,11 +58,6 @@ AIR_MEDIAN_HU = -960.0
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "BREAST", "HEART", "TORSO", "WHOLEBODY",
                     "WHOLE BODY", "TRUNK", "CHESTABDOMEN", "CHEST_ABDOMEN", "CHEST_TO_PELVIS",
                     "CAP", "BODY", "ABDOMEN", "CTA", "PE")
-
-
-class Method(str, Enum):
-    UNET = "unet"
-    THRESHOLD = "threshold"
 
 
 @dataclass
@@ -186,7 +182,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
 
 def _default_study_id(path: Path) -> str:
     """The input's name without volume suffixes (``ct.nii.gz`` -> ``ct``)."""
-    from medseg.io._atomic import split_suffix
+    from medseg.io.atomic import split_suffix
 
     return split_suffix(path.resolve())[0] if path.is_file() else path.resolve().name
 
@@ -205,7 +201,7 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
     :mod:`medseg.io.dicom_seg`.
 
-    The outputs are one unit (:func:`medseg.io._atomic.output_unit`): ``out_dir`` is locked
+    The outputs are one unit (:func:`medseg.io.atomic.output_unit`): ``out_dir`` is locked
     for the whole run (a second run into it fails at once with an
     :class:`~medseg.errors.OutputError`), every file is written into a staging folder and
     the set is swapped in whole; the :data:`OUTPUT_NAMES` this run does not write (e.g. an
@@ -261,6 +257,10 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
         seg = build_seg(volume, result.labels, method=result.method, model=result.model)
         dicom_timings["dicom_seg"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()
+        if measurements is None:  # no report: the SR's numbers are computed here
+            from medseg.quantify import quantify
+
+            measurements = quantify(volume, result.labels)["measurements"]
         sr = build_sr(volume, result.labels, seg.dataset, measurements=measurements)
         dicom_timings["dicom_sr"] = round(time.perf_counter() - t1, 3)
         dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.conventions import LABEL_SUFFIXES, MASK_NAME
 from medseg.errors import GeometryError, MedsegError, NotFoundError
 from medseg.evaluate import CohortAccumulator
 from medseg.evaluate.labels import (
@@ -26,19 +27,19 @@ from medseg.evaluate.labels import (
     score_resolved,
 )
 from medseg.io import load
-from medseg.io._atomic import split_suffix
+from medseg.io.atomic import split_suffix
 from medseg.volume import CTVolume
 
 __all__ = ["CohortResult", "evaluate_cohort", "evaluate_pair", "match_pairs"]
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-#: What ``medseg segment`` / ``medseg batch`` write in each study folder.
-MASK_NAME = "lungs.nii.gz"
+#: Suffixes of the label files matched by name in a cohort.
+VOLUME_SUFFIXES = LABEL_SUFFIXES
 #: The options that set the conventions, named in messages (the CLI passes its flags).
 PY_FLAGS = ("pred_labels=", "ref_labels=")
 
 
-def _labels(path: Path) -> CTVolume:
+def read_labels(path: Path) -> CTVolume:
+    """A label volume, its values checked to be integer labels (named after ``path``)."""
     vol = load(path)
     return vol.with_array(as_label_array(vol.array, path=path))
 
@@ -66,7 +67,7 @@ def evaluate_pair(pred_path: str | Path, ref_path: str | Path, *,
     p_conv = LabelConvention.parse(pred_labels)
     r_conv = LabelConvention.parse(ref_labels)
     pred_path, ref_path = Path(pred_path), Path(ref_path)
-    pred, ref = _labels(pred_path), _labels(ref_path)
+    pred, ref = read_labels(pred_path), read_labels(ref_path)
     _check_grids(pred, ref)
     p = _resolve(pred, p_conv, "prediction", pred_path, flags[0])
     r = _resolve(ref, r_conv, "reference", ref_path, flags[1])
@@ -136,13 +137,13 @@ def evaluate_cohort(pred_dir: str | Path, ref_dir: str | Path, out_dir: str | Pa
     pairs, unmatched = match_pairs(Path(pred_dir), Path(ref_dir))
     result = CohortResult(CohortAccumulator(), unmatched_predictions=unmatched)
     for cid, (pred_path, ref_path) in pairs.items():
-        ref = _labels(ref_path)
+        ref = read_labels(ref_path)
         r = _resolve(ref, r_conv, "reference", ref_path, flags[1])
         notes: list[str] = []
         try:
             if pred_path is None:
                 raise NotFoundError("no prediction for this reference", path=Path(pred_dir))
-            pred = _labels(pred_path)
+            pred = read_labels(pred_path)
             _check_grids(pred, ref)
             score: LabelScore = score_resolved(
                 _resolve(pred, p_conv, "prediction", pred_path, flags[0]), r,

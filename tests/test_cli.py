@@ -27,13 +27,32 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"medseg {medseg.__version__}"
 
 
-@pytest.mark.parametrize("cmd", [[], ["info"], ["convert"], ["synth"]])
+def _subcommands() -> list[str]:
+    import argparse
+
+    from medseg.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_every_subcommand_is_tested_for_help() -> None:
+    assert set(_subcommands()) >= {"info", "convert", "segment", "evaluate", "train",
+                                   "validate-model", "run", "synth", "qc", "batch", "pacs"}
+
+
+@pytest.mark.parametrize("cmd", [[], *([c] for c in _subcommands())])
 def test_help_explains(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command's --help says what it does and shows its options (not a bare usage)."""
     with pytest.raises(SystemExit) as exc:
         main([*cmd, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "usage: medseg" in out and len(out.splitlines()) > 5
+    assert "-h, --help" in out
+    if cmd:  # a description beyond the one-line usage
+        assert len(out.split("options:")[0].split()) > 25, out
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

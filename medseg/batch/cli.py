@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from medseg.batch.runner import BatchConfig, BatchResult, Progress, run_batch
 from medseg.batch.state import ERROR_KINDS, StudyRow
+from medseg.conventions import METHODS, Method
 from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_MODEL
 from medseg.pacs.cli import add_batch_arguments, batch_options
@@ -236,7 +237,7 @@ def register(sub: Any) -> None:
     p.add_argument("--reference-dir", type=Path, default=None, metavar="DIR",
                    help="reference labels DIR/<study>.nii.gz (1 right, 2 left lung): reports "
                    "hold Dice etc. and OUT_DIR/validation/ the cohort validation")
-    p.add_argument("--method", choices=["unet", "threshold"], default="unet",
+    p.add_argument("--method", choices=METHODS, default=Method.UNET.value,
                    help="unet (default): the trained 2D U-Net; threshold: the HU baseline")
     p.add_argument("--model", default=None,
                    help="shipped model name or path to a model card .json (default "

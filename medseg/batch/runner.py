@@ -73,6 +73,7 @@ from typing import Any
 
 from medseg.batch.sources import StudySpec, discover_studies
 from medseg.batch.state import StateDB, StudyRow, checksum_folder, utc_now, verify_outputs
+from medseg.conventions import METHODS, OUTPUT_NAMES
 from medseg.errors import (
     ConfigError,
     InputError,
@@ -101,7 +102,6 @@ __all__ = [
 STATE_NAME = "batch.sqlite"
 STAGING_NAME = ".staging"
 LOCK_NAME = "batch.lock"
-METHODS = ("unet", "threshold")
 #: Kinds of failure (see the module docstring and :data:`medseg.batch.state.ERROR_KINDS`).
 INPUT, MACHINE, UNEXPECTED = "input", "machine", "unexpected"
 
@@ -491,17 +491,14 @@ def _exclusive(out: Path) -> Iterator[None]:
         fh.close()
 
 
-#: What a study folder may hold: the outputs of ``segment_study`` (its ``OUTPUT_NAMES``,
-#: not imported: that would load the segmentation stack into every ``medseg`` command; a
-#: test keeps the two equal) and its temporary files.
-_OUTPUT_NAMES = frozenset({"lungs.nii.gz", "segment.json", "report.json", "report.html",
-                           "report.csv", "lungs.seg.dcm", "lungs.sr.dcm"})
+#: What a study folder may hold: the outputs of ``segment_study`` and its temporary files.
+_OUTPUT_NAMES = frozenset(OUTPUT_NAMES)
 
 
 def _is_study_output(path: Path) -> bool:
     """Whether ``path`` holds nothing but study outputs (or is empty): their files, partial
     files, and the lock, staging and commit folders of an interrupted ``medseg segment``."""
-    from medseg.io._atomic import is_unit_leftover
+    from medseg.io.atomic import is_unit_leftover
 
     return all((p.is_file() and (p.name in _OUTPUT_NAMES or ".partial" in p.name))
                or is_unit_leftover(p.name) for p in path.iterdir())

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.conventions import LABEL_SUFFIXES, VOLUME_SUFFIXES
 from medseg.errors import ConfigError, InputError, NotFoundError
 
 __all__ = [
@@ -49,12 +50,11 @@ __all__ = [
     "find_reference",
     "read_manifest",
     "sanitize_id",
+    "unique_ids",
 ]
 
-#: Suffixes of single-file volumes (lower case); ``.nii.gz`` is matched as a whole.
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Suffixes a reference label file may have in ``--reference-dir``.
-REFERENCE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+REFERENCE_SUFFIXES = LABEL_SUFFIXES
 #: Columns of a manifest: the first two are required.
 MANIFEST_COLUMNS = ("study_id", "path", "reference")
 #: Names inside OUT_DIR that belong to the batch itself; a study id never takes them.
@@ -88,7 +88,7 @@ def sanitize_id(name: str) -> str:
     return sid
 
 
-def _unique(ids: list[str]) -> list[str]:
+def unique_ids(ids: list[str]) -> list[str]:
     """Make ids unique case-insensitively, suffixing ``-2``, ``-3``, ... in order."""
     seen: set[str] = set()
     out = []
@@ -113,9 +113,9 @@ def _volume_stem(name: str) -> str | None:
 
 def _dicom_frames(path: Path) -> int | None:
     """NumberOfFrames of a DICOM file (1 when absent), ``None`` when it is not DICOM."""
-    from medseg.io.dicom import _looks_like_dicom
+    from medseg.io.dicom import looks_like_dicom
 
-    if not _looks_like_dicom(path):
+    if not looks_like_dicom(path):
         return None
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -252,7 +252,7 @@ def discover_studies(source: str | Path, *, reference_dir: str | Path | None = N
     else:
         raise ConfigError("SOURCE must be a folder of studies or a manifest .csv "
                           "(for one study use 'medseg segment')", path=src)
-    ids = _unique([sanitize_id(name) for name, _, _ in entries])
+    ids = unique_ids([sanitize_id(name) for name, _, _ in entries])
     studies = []
     for sid, (name, path, ref) in zip(ids, entries, strict=True):
         if ref is None and ref_dir is not None:

@@ -37,7 +37,6 @@ Timestamps are UTC, ISO 8601 with seconds.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.checksums import sha256_file
 from medseg.errors import OutputError
 
 __all__ = ["ERROR_KINDS", "SCHEMA_VERSION", "StateDB", "StudyRow", "checksum_folder", "utc_now",
@@ -93,13 +93,6 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def checksum_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
     """``{file name: {"sha256", "size"}}`` for the plain files directly in ``folder``
@@ -107,7 +100,7 @@ def checksum_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(Path(folder).iterdir()):
         if p.is_file():
-            out[p.name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+            out[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return out
 
 
@@ -124,7 +117,7 @@ def verify_outputs(folder: Path, outputs: dict[str, dict[str, Any]]) -> str | No
             return f"{p} is missing"
         if p.stat().st_size != rec["size"]:
             return f"{p} changed size ({p.stat().st_size} bytes, recorded {rec['size']})"
-        if _sha256(p) != rec["sha256"]:
+        if sha256_file(p) != rec["sha256"]:
             return f"{p} changed (SHA-256 differs from the recorded one)"
     return None
 

@@ -73,8 +73,8 @@ def _look_first(r: StudyRow) -> int:
 
 def write_summary(out: Path, rows: list[StudyRow]) -> Path:
     """Write ``out/summary.csv`` atomically."""
-    from medseg.report._csv import csv_text
-    from medseg.report._render import write_text
+    from medseg.io.atomic import write_text
+    from medseg.report import csv_text
 
     # csv_text escapes cells against formula injection (a study id "=..." stays text)
     return write_text(out / "summary.csv", csv_text(summary_rows(rows), SUMMARY_COLUMNS))
@@ -109,7 +109,7 @@ def write_validation(out: Path, rows: list[StudyRow],
     no study has one."""
     from medseg.evaluate import CohortAccumulator, score_label_maps
     from medseg.report import write_cohort_report
-    from medseg.validation import _labels
+    from medseg.validation import read_labels
 
     with_ref = [r for r in rows if r.reference]
     if not with_ref:
@@ -120,7 +120,7 @@ def write_validation(out: Path, rows: list[StudyRow],
         metrics = _report_metrics(out / r.study_id) if r.status == "done" else None
         if metrics is None:
             try:
-                ref = _labels(Path(r.reference or ""))
+                ref = read_labels(Path(r.reference or ""))
                 metrics = score_label_maps(np.zeros(ref.shape, np.uint8), ref.array,
                                            ref.spacing[::-1], ref_path=r.reference).metrics
             except MedsegError as exc:

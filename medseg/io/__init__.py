@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medseg.errors import ConfigError, NotFoundError
-from medseg.io._atomic import atomic_output
+from medseg.io.atomic import atomic_output
 from medseg.io.dicom import DicomScan, load_dicom, scan_dicom, verify_chosen
 from medseg.io.itkformats import from_sitk, read_itk, to_sitk, write_itk
 from medseg.io.nifti import read_nifti, write_nifti

@@ -49,6 +49,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from medseg.conventions import VOLUME_SUFFIXES
 from medseg.errors import (
     GeometryError,
     InconsistentOrientationError,
@@ -87,6 +88,7 @@ __all__ = [
     "choose_series",
     "load_dicom",
     "load_series",
+    "looks_like_dicom",
     "scan_dicom",
     "verify_chosen",
 ]
@@ -386,7 +388,7 @@ def _pixel_bytes(ds: Dataset) -> int | None:
     return length
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
     """Preamble + 'DICM', or (for preamble-less files) a first tag in group 0002/0008."""
     try:
         with open(path, "rb") as fh:
@@ -824,13 +826,10 @@ def _target_gap(gaps: npt.NDArray[np.float64]) -> float:
 
 
 # -- discovery ----------------------------------------------------------------------------
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
 def _read_one(path: Path) -> tuple[Path, Dataset | None, str | None]:
-    if path.name.lower().endswith(_VOLUME_SUFFIXES):
+    if path.name.lower().endswith(VOLUME_SUFFIXES):
         return path, None, "a NIfTI/NRRD/MHA volume, not DICOM (pass the file itself)"
-    if not _looks_like_dicom(path):
+    if not looks_like_dicom(path):
         return path, None, "not a DICOM file"
     try:
         ds = _read_header(path)

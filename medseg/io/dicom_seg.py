@@ -51,8 +51,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from medseg._version import __version__
+from medseg.conventions import SEG_FILENAME
 from medseg.errors import ConfigError, OutputError, UnreadableFileError
-from medseg.io._atomic import atomic_output
+from medseg.io.atomic import atomic_output
 from medseg.volume import CTVolume
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
 ]
 
 #: File name ``medseg segment`` gives the SEG (``medseg.pacs`` pushes it under this name).
-SEG_FILENAME = "lungs.seg.dcm"
 #: SNOMED CT codes of the segmented structures (DICOM CID 7710 / 4031).
 RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
 LEFT_LUNG = Code("44029006", "SCT", "Left lung")

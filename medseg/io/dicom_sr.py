@@ -35,8 +35,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from medseg._version import __version__
+from medseg.conventions import LAA_THRESHOLD_HU, PD_PERCENTILE, SR_FILENAME
 from medseg.errors import OutputError
-from medseg.io._atomic import atomic_output
+from medseg.io.atomic import atomic_output
 from medseg.io.dicom_seg import (
     LEFT_LUNG,
     RIGHT_LUNG,
@@ -44,13 +45,11 @@ from medseg.io.dicom_seg import (
     check_keep,
     restrict_source_attributes,
 )
-from medseg.quantify import LAA_THRESHOLD_HU, PD_PERCENTILE, quantify
 from medseg.volume import CTVolume
 
 __all__ = ["SR_FILENAME", "EncodedSR", "build_sr", "read_sr_measurements", "write_sr"]
 
 #: File name ``medseg segment`` gives the SR (``medseg.pacs`` pushes it under this name).
-SR_FILENAME = "lungs.sr.dcm"
 LUNG = Code("39607008", "SCT", "Lung")
 #: What was reported: a CT of the chest (LOINC; DICOM CID 100 is extensible).
 CT_CHEST = Code("24627-2", "LN", "CT Chest")
@@ -104,10 +103,10 @@ def _measurements(values: dict[str, Any], source: Any = None) -> list[Any]:
 
 
 def build_sr(image: CTVolume, labels: CTVolume, seg: Dataset, *,
-             measurements: dict[str, Any] | None = None, keep: Sequence[str] = ()
-             ) -> EncodedSR:
-    """A TID 1500 Measurement Report of the lung measurements of ``labels`` on ``image``
-    (``quantify``'s ``measurements``; computed when None) referencing the segments of
+             measurements: dict[str, Any], keep: Sequence[str] = ()) -> EncodedSR:
+    """A TID 1500 Measurement Report of the lung ``measurements`` of ``labels`` on
+    ``image`` (:func:`medseg.quantify.quantify`'s ``measurements``: the IO layer writes
+    them, it does not compute them) referencing the segments of
     ``seg`` (the SEG made by :func:`medseg.io.dicom_seg.build_seg`). Like the SEG, it
     carries only the patient and study attributes the IOD requires, plus those named in
     ``keep`` (taken from ``seg``, so give the SEG the same ``keep``)."""
@@ -116,8 +115,6 @@ def build_sr(image: CTVolume, labels: CTVolume, seg: Dataset, *,
 
     keep = check_keep(keep)
     md = image.metadata
-    if measurements is None:
-        measurements = quantify(image, labels)["measurements"]
     algorithm = hd.sr.AlgorithmIdentification(name="medseg", version=__version__)
     seg_class, seg_uid = str(seg.SOPClassUID), str(seg.SOPInstanceUID)
     groups: list[Any] = []
@@ -195,7 +192,7 @@ def read_sr_measurements(data: bytes | str | Path) -> dict[str, dict[str, float]
 
 
 def write_sr(image: CTVolume, labels: CTVolume, seg: Dataset, path: str | Path, *,
-             measurements: dict[str, Any] | None = None, keep: Sequence[str] = ()) -> Path:
+             measurements: dict[str, Any], keep: Sequence[str] = ()) -> Path:
     """Build and atomically write the SR (see :func:`build_sr`) to ``path``."""
     encoded = build_sr(image, labels, seg, measurements=measurements, keep=keep)
     target = Path(path)

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medseg.errors import GeometryError, NotAVolumeError, PixelDataError, UnreadableFileError
-from medseg.io._atomic import atomic_output
+from medseg.io.atomic import atomic_output
 from medseg.io.limits import check_volume_geometry, check_volume_size
 from medseg.volume import CTVolume, Geometry, VolumeMetadata
 

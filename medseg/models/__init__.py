@@ -7,7 +7,6 @@ after their SHA-256 is checked against the value recorded in the model's card
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
+from medseg.checksums import sha256_file as sha256_of
 from medseg.errors import ConfigError, UnreadableFileError
 from medseg.inference import DEFAULT_MODEL
 
@@ -95,13 +95,6 @@ def build_network(spec: ModelSpec) -> UNet:
                 channels=spec.channels, strides=spec.strides, num_res_units=spec.num_res_units,
                 norm="BATCH")
 
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights_dir() -> Path:

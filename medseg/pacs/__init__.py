@@ -7,7 +7,8 @@ writes are pushed back as files.
 * :mod:`medseg.pacs.client`: :class:`PacsClient` over ``dicomweb-client``, credentials,
   TLS, errors;
 * :mod:`medseg.pacs.select`: which series of a study to segment;
-* :mod:`medseg.pacs.batch`: a DICOMweb root as the source of ``medseg batch``;
+* :mod:`medseg.pacs.batch`: a DICOMweb root as the source of ``medseg batch`` (through
+  batch's public API: :class:`~medseg.batch.sources.StudySpec`, ``unique_ids``, ...);
 * :mod:`medseg.pacs.cli`: ``medseg pacs query|pull|push``.
 """
 

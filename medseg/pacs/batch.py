@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg.batch.sources import StudySpec, _unique, find_reference, sanitize_id
+from medseg.batch.sources import StudySpec, find_reference, sanitize_id, unique_ids
+from medseg.conventions import SEG_FILENAME, SR_FILENAME
 from medseg.errors import ConfigError, MedsegError, NotFoundError, OutputError
 from medseg.pacs.client import PacsClient, PacsConfig, make_config
 from medseg.pacs.options import DICOMWEB_PREFIX, PACS_CACHE_NAME, PacsBatchOptions
@@ -42,7 +43,7 @@ __all__ = ["PACS_CACHE_NAME", "PUSH_NAMES", "PacsJob", "discover_pacs_studies", 
            "run_pacs_study", "study_filters", "study_uid_of"]
 
 #: The files ``--push`` stores: what ``medseg segment`` writes for a DICOM input.
-PUSH_NAMES = ("lungs.seg.dcm", "lungs.sr.dcm")
+PUSH_NAMES = (SEG_FILENAME, SR_FILENAME)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def discover_pacs_studies(job: PacsJob, *, reference_dir: str | Path | None = No
     ref_dir = Path(reference_dir) if reference_dir is not None else None
     if ref_dir is not None and not ref_dir.is_dir():
         raise NotFoundError("the reference folder does not exist", path=ref_dir)
-    ids = _unique([sanitize_id(uid) for uid in uids])
+    ids = unique_ids([sanitize_id(uid) for uid in uids])
     root = f"{DICOMWEB_PREFIX}{job.config.url}"
     return [StudySpec(study_id=sid, source=f"{root}/studies/{uid}", name=uid,
                       reference=find_reference(ref_dir, sid) if ref_dir else None)

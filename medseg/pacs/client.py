@@ -841,7 +841,7 @@ def collect_dicom_files(paths: Iterable[str | Path]) -> list[Path]:
     """The DICOM files among ``paths``; folders are searched recursively (non-DICOM files
     and hidden or partial files in them skipped). A named file that is not DICOM, or a
     path that does not exist, is an error."""
-    from medseg.io.dicom import _looks_like_dicom
+    from medseg.io.dicom import looks_like_dicom
 
     files: list[Path] = []
     for raw in paths:
@@ -849,12 +849,12 @@ def collect_dicom_files(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                           and _looks_like_dicom(f))
+                           and looks_like_dicom(f))
             if not found:
                 raise NotFoundError("no DICOM file in this folder", path=p)
             files.extend(found)
         elif p.is_file():
-            if not _looks_like_dicom(p):
+            if not looks_like_dicom(p):
                 raise UnreadableFileError("not a DICOM file", path=p)
             files.append(p)
         else:

@@ -4,6 +4,7 @@ embedded as a data URI, and no patient name or ID appears unless ``show_phi`` is
 
 from __future__ import annotations
 
+from medseg.report._csv import csv_text
 from medseg.report.cohort import write_cohort_report
 from medseg.report.study import (
     SCHEMA_VERSION,
@@ -14,6 +15,7 @@ from medseg.report.study import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "csv_text",
     "input_checksums",
     "study_report",
     "write_cohort_report",

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Any
-
-from medseg.io._atomic import atomic_output
 
 
 def environment() -> Any:
@@ -57,9 +54,3 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path

@@ -13,8 +13,9 @@ import numpy as np
 
 from medseg._version import __version__
 from medseg.evaluate import CohortAccumulator
+from medseg.io.atomic import write_text
 from medseg.report._csv import csv_text
-from medseg.report._render import environment, figure_png, png_data_uri, pyplot, write_text
+from medseg.report._render import environment, figure_png, png_data_uri, pyplot
 
 __all__ = ["write_cohort_report"]
 

@@ -34,17 +34,13 @@ from typing import Any
 import numpy as np
 
 from medseg._version import __version__
+from medseg.checksums import sha256_file
 from medseg.evaluate import to_jsonable
 from medseg.evaluate.labels import DEFAULT_REF_LABELS, LabelConvention, score_label_maps
+from medseg.io.atomic import write_text
 from medseg.quantify import quantify
 from medseg.report._csv import csv_text
-from medseg.report._render import (
-    environment,
-    figure_png,
-    png_data_uri,
-    pyplot,
-    write_text,
-)
+from medseg.report._render import environment, figure_png, png_data_uri, pyplot
 from medseg.visualize import overlay_montage
 from medseg.volume import CTVolume
 
@@ -65,21 +61,14 @@ def input_checksums(volume: CTVolume) -> dict[str, Any]:
     if not files or not all(Path(f).is_file() for f in files):
         return {"sha256": None, "n_files": 0}
     if len(files) == 1:
-        digest = _sha256_file(files[0])
+        digest = sha256_file(files[0])
     else:
         outer = hashlib.sha256()
         for f in files:
-            outer.update(bytes.fromhex(_sha256_file(f)))
+            outer.update(bytes.fromhex(sha256_file(f)))
         digest = outer.hexdigest()
     return {"sha256": digest, "n_files": len(files)}
 
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _input_entry(volume: CTVolume) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.errors import NotFoundError
+from medseg.inference import LABEL_MODEL
 from medseg.volume import CTVolume
 
 __all__ = ["ENCLOSED_RADIUS_MM", "IGNORE", "REAL_SOURCES", "derive_lung_labels",
@@ -98,7 +99,7 @@ def _in_plane_disk(radius_vox: tuple[float, float]) -> npt.NDArray[np.bool_]:
     return disk[None]
 
 
-def derive_lung_labels(volume: CTVolume, model: Any = "lung2d-v1"
+def derive_lung_labels(volume: CTVolume, model: Any = LABEL_MODEL
                        ) -> tuple[npt.NDArray[np.uint8], dict[str, float]]:
     """Derived labels on ``volume``'s grid (0, 1, 2 and :data:`IGNORE`) and agreement
     figures. Works for axial studies (array axis 0 across slices)."""

@@ -39,7 +39,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.inference import DEFAULT_MODEL
+from medseg.inference import DEFAULT_MODEL, LABEL_MODEL
 from medseg.train.lesions import from_canonical, insert_effusion, insert_lesion, to_canonical
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
@@ -441,8 +441,8 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     # 1. LIDC as loaded ------------------------------------------------------------------
     t0 = time.perf_counter()
     lidc = load_real_ct(root, "lidc-idri-0001", cache)
-    ref, stats = derive_lung_labels(lidc, "lung2d-v1")
-    notes["lidc reference"] = (f"derive_lung_labels(lung2d-v1): {stats}; "
+    ref, stats = derive_lung_labels(lidc, LABEL_MODEL)
+    notes["lidc reference"] = (f"derive_lung_labels({LABEL_MODEL}): {stats}; "
                                f"{int((ref == IGNORE).sum())} ignore voxels left out")
     clean = seg(lidc)
     for s, dv in _side_dice(clean, ref).items():

@@ -17,7 +17,7 @@ import numpy as np
 from medseg.errors import NotFoundError
 from medseg.evaluate import label_metrics
 from medseg.segment import segment
-from medseg.train import cip_reference, validation_cut
+from medseg.train.data import cip_reference, validation_cut
 
 __all__ = ["validate_on_cip"]
 

@@ -25,7 +25,7 @@ from medseg.errors import (
     PacsNotFoundError,
     PixelDataError,
 )
-from medseg.io._atomic import is_partial_of
+from medseg.io.atomic import is_partial_of
 from medseg.io.dicom_seg import SEG_FILENAME
 from tests.batch.conftest import (
     assert_nothing_partial,

@@ -7,7 +7,7 @@ point named in ``_TEST_HOLD_AT``, writes ``reached`` into ``_TEST_HOLD_DIR`` and
 ``go`` there. The product has no test hooks; only this harness reads those variables.
 
 After each interruption the output folder must hold the complete previous set or the
-complete new set (during the swap: no record, see medseg.io._atomic), and the next run,
+complete new set (during the swap: no record, see medseg.io.atomic), and the next run,
 even one that fails on its own input, leaves nothing else behind."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from medseg.errors import NotFoundError
-from medseg.io._atomic import COMMITTED_MESSAGE
+from medseg.io.atomic import COMMITTED_MESSAGE
 from medseg.io.dicom_seg import SEG_FILENAME
 from medseg.io.dicom_sr import SR_FILENAME
 from medseg.segment import OUTPUT_NAMES, REPORT_FILENAMES, SUMMARY_FILENAME, segment_study

@@ -1,4 +1,4 @@
-"""A study's outputs are one unit (medseg.io._atomic.output_unit, used by segment_study):
+"""A study's outputs are one unit (medseg.io.atomic.output_unit, used by segment_study):
 a reused output folder loses the earlier run's other outputs and keeps the user's files,
 a failure or a full disk leaves the folder as it was, a crash at any step of the swap is
 finished by the next run, and two runs into one folder are refused. In-process here; the
@@ -20,7 +20,7 @@ import medseg.segment
 from medseg.batch import runner
 from medseg.cli import main
 from medseg.errors import NotFoundError, OutputError
-from medseg.io._atomic import (
+from medseg.io.atomic import (
     COMMIT_PREFIX,
     LOCK_NAME,
     STAGING_PREFIX,

@@ -25,6 +25,7 @@ from medseg.io.dicom_seg import (
 )
 from medseg.io.dicom_sr import EncodedSR, build_sr, read_sr_measurements
 from medseg.io.dicom_write import write_dicom_series
+from medseg.quantify import quantify
 from medseg.volume import CTVolume, Geometry
 from tests.conftest import need_tool
 
@@ -75,7 +76,8 @@ def _objects(study: tuple[CTVolume, CTVolume], keep: tuple[str, ...] = ()
              ) -> tuple[EncodedSeg, EncodedSR]:
     image, labels = study
     seg = build_seg(image, labels, method="threshold", keep=keep)
-    return seg, build_sr(image, labels, seg.dataset, keep=keep)
+    measurements = quantify(image, labels)["measurements"]
+    return seg, build_sr(image, labels, seg.dataset, measurements=measurements, keep=keep)
 
 
 def _keywords(ds: Dataset) -> set[str]:

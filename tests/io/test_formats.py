@@ -158,7 +158,7 @@ def test_outputs_get_the_users_usual_permissions(tmp_path: Path) -> None:
     """Atomic writes go through mkstemp (mode 0600); the result must not stay private."""
     import os
 
-    from medseg.io._atomic import atomic_output
+    from medseg.io.atomic import atomic_output
 
     old = os.umask(0o022)
     os.umask(old)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, UnreadableFileError
 from medseg.inference.unet import InferenceSettings, unet_labels
 from medseg.models import load_model
 from medseg.synth import make_phantom
@@ -54,8 +54,9 @@ def test_tampered_weights_refused(tmp_path: Path) -> None:
     train(cfg, log=lambda _m: None)
     weights = tmp_path / "out" / "tiny.pt"
     weights.write_bytes(weights.read_bytes() + b"\0")
-    with pytest.raises(Exception, match="checksum mismatch"):
+    with pytest.raises(UnreadableFileError, match="checksum mismatch") as exc:
         load_model(tmp_path / "out" / "tiny.json")
+    assert exc.value.path is not None and str(exc.value.path).endswith("tiny.pt")
 
 
 @pytest.mark.parametrize("change, match", [

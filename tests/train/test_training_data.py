@@ -12,14 +12,8 @@ import yaml
 
 from medseg.models import ModelSpec
 from medseg.synth import make_phantom
-from medseg.train import (
-    LESION_OFFSET,
-    MaskedDiceCE,
-    Sample,
-    SliceSampler,
-    lesion_variant,
-    load_train_config,
-)
+from medseg.train import MaskedDiceCE, Sample, load_train_config
+from medseg.train.data import LESION_OFFSET, lesion_variant
 from medseg.train.lesions import (
     LUNG_KINDS,
     from_canonical,
@@ -28,6 +22,7 @@ from medseg.train.lesions import (
     to_canonical,
 )
 from medseg.train.realct import IGNORE, derive_lung_labels
+from medseg.train.sampling import SliceSampler
 from medseg.volume import CTVolume, Geometry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,7 +191,7 @@ def test_context_step_follows_millimetres(step_mm: float, slice_mm: float, step:
 
 def test_widened_network_computes_what_the_source_did() -> None:
     from medseg.models import build_network
-    from medseg.train import _widened
+    from medseg.train.loop import _widened
 
     torch.manual_seed(0)
     narrow = build_network(ModelSpec(name="a", context_slices=1)).eval()

@@ -79,7 +79,7 @@ from typing import Any
 from medseg.errors import OutputError
 
 __all__ = ["COMMITTED_MESSAGE", "LOCK_NAME", "atomic_output", "is_partial_of", "is_unit_leftover",
-           "output_unit", "recover_outputs", "split_suffix"]
+           "output_unit", "recover_outputs", "split_suffix", "write_text"]
 
 #: The process's umask, read once (reading it means setting it; doing that at import time,
 #: before any worker threads exist, keeps it race-free).
@@ -151,6 +151,13 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
 
 
 # -- a set of files as one unit ---------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Drawing training crops: context slices, augmentation (MONAI), cut fields of view, the
+share of each source (:class:`SliceSampler`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from medseg.models import ModelSpec
+from medseg.train.data import LESION_OFFSET, Sample
+
+__all__ = ["SliceSampler"]
+
+
+def _context(stack: npt.NDArray[np.float32], k: int, c: int, step: int = 1
+             ) -> npt.NDArray[np.float32]:
+    """Slice ``k`` with ``c`` neighbours each side, ``step`` slices apart (edges repeat)."""
+    idx = np.clip(k + step * np.arange(-c, c + 1), 0, stack.shape[0] - 1)
+    return stack[idx]
+
+
+def _augment() -> Any:
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    # No left-right flips: they would swap the anatomy of the right and left lung.
+    return Compose([
+        RandAffined(keys=["image", "label"], prob=0.8, rotate_range=(np.pi / 12,),
+                    scale_range=(0.2, 0.2), translate_range=(20, 20),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandGaussianSmoothd(keys="image", prob=0.25, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+        RandGaussianNoised(keys="image", prob=0.4, std=0.03),
+        RandScaleIntensityd(keys="image", prob=0.3, factors=0.1),
+        RandShiftIntensityd(keys="image", prob=0.3, offsets=0.05),
+        RandAdjustContrastd(keys="image", prob=0.2, gamma=(0.8, 1.25)),
+    ])
+
+
+class SliceSampler:
+    """Random 2.5D training crops from prepared volumes, weighted per source."""
+
+    def __init__(self, samples: list[Sample], context: int, crop: int, seed: int,
+                 spec: ModelSpec | None = None) -> None:
+        self.samples = samples
+        self.context = context
+        self.steps = [spec.context_step(s.slice_mm) if spec is not None else 1
+                      for s in samples]
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+        w = np.array([s.weight for s in samples], float)
+        self.p = w / w.sum()
+        self.lung_slices = [np.flatnonzero(
+            np.isin(s.label.reshape(s.label.shape[0], -1),
+                    (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET)).any(axis=1))
+            for s in samples]
+        self.aug = _augment()
+        self.aug.set_random_state(seed=seed)
+        self.fov_crop_probability = 0.0
+
+    def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]
+              ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+        c = self.crop
+        _, h, w = img.shape
+        ph, pw = max(0, c - h), max(0, c - w)
+        if ph or pw:
+            pad = ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+            img, lab = np.pad(img, pad), np.pad(lab, pad[1:])
+            _, h, w = img.shape
+        y0 = int(self.rng.integers(0, h - c + 1))
+        x0 = int(self.rng.integers(0, w - c + 1))
+        return img[:, y0:y0 + c, x0:x0 + c], lab[y0:y0 + c, x0:x0 + c]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(n):
+            i = int(self.rng.choice(len(self.samples), p=self.p))
+            s = self.samples[i]
+            lung = self.lung_slices[i]
+            if s.focus is not None and s.focus.size and self.rng.random() < 0.5:
+                k = int(self.rng.choice(s.focus))
+            elif lung.size and self.rng.random() < 0.85:
+                k = int(self.rng.choice(lung))
+            else:
+                k = int(self.rng.integers(0, s.image.shape[0]))
+            img, lab = self._crop(_context(s.image, k, self.context, self.steps[i]),
+                                  s.label[k])
+            d = self.aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
+                          "label": torch.from_numpy(lab[None].astype(np.float32))})
+            x = torch.as_tensor(d["image"]).float()
+            y = torch.as_tensor(d["label"]).round().long()
+            if self.rng.random() < self.fov_crop_probability:
+                keep = torch.from_numpy(self._fov(x.shape[-2:]))
+                x = x * keep
+                y = y * keep
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), torch.stack(ys)
+
+    def _fov(self, shape: Any) -> npt.NDArray[np.bool_]:
+        """A cut field of view: one side of the body (a hemithorax), a rectangle, or a
+        circle; what lies outside is air in a padded reconstruction (0 after scaling)."""
+        h, w = int(shape[0]), int(shape[1])
+        yy, xx = np.mgrid[0:h, 0:w]
+        kind = self.rng.random()
+        if kind < 0.45:  # one hemithorax: a cut across the left-right axis (axis 0 here)
+            cut = int(self.rng.uniform(0.35, 0.65) * h)
+            return np.asarray(yy < cut if self.rng.random() < 0.5 else yy >= cut)
+        if kind < 0.75:
+            y0, x0 = (int(self.rng.uniform(0, 0.3) * n) for n in (h, w))
+            y1, x1 = (int(self.rng.uniform(0.7, 1.0) * n) for n in (h, w))
+            return np.asarray((yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1))
+        r = self.rng.uniform(0.3, 0.5) * min(h, w)
+        cy, cx = (self.rng.uniform(0.4, 0.6) * n for n in (h, w))
+        return np.asarray((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
