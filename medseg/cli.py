@@ -359,18 +359,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from medseg.batch.cli import positive_int
-
-    parser = argparse.ArgumentParser(
-        prog="medseg",
-        description="Lung segmentation and reporting for chest CT. Reads DICOM folders "
-        "(several series, compressed, enhanced multi-frame, DICOMDIR), NIfTI, NRRD and MHA.",
-        epilog="Run 'medseg COMMAND --help' for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _register_info(sub: Any) -> None:
     p = sub.add_parser(
         "info", help="list the series in a folder and which one medseg would use",
         description="Discover the DICOM series under PATH (or describe a NIfTI/NRRD/MHA file): "
@@ -382,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="list every skipped file")
     p.set_defaults(func=_cmd_info)
 
+
+def _register_convert(sub: Any) -> None:
     p = sub.add_parser(
         "convert", help="write the volume medseg loads (HU, world geometry) to NIfTI/NRRD/MHA",
         description="Load INPUT exactly as medseg's segmentation would (series choice, slice "
@@ -392,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_convert)
+
+
+def _register_segment(sub: Any) -> None:
+    from medseg.batch.cli import positive_int
 
     p = sub.add_parser(
         "segment", help="segment the lungs of a CT: lungs.nii.gz + segment.json",
@@ -435,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=_cmd_segment)
 
+
+def _register_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate", help="score predicted lung masks against references (one pair or a cohort)",
         description="One pair: 'medseg evaluate PRED REF' prints Dice, IoU, Hausdorff, HD95, "
@@ -469,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "value the convention does not name is an error")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _register_train(sub: Any) -> None:
     p = sub.add_parser(
         "train", help="train the lung U-Net from a YAML config",
         description="Train the 2D U-Net as configured in CONFIG (e.g. "
@@ -481,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch log")
     p.set_defaults(func=_cmd_train)
 
+
+def _register_validate_model(sub: Any) -> None:
     p = sub.add_parser(
         "validate-model", help="score a lung model on the held-out part of cip-ct64",
         description="Segment ../shared/data/cip-ct64 end to end and score the inferior part "
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_validate_model)
 
+
+def _register_run(sub: Any) -> None:
     p = sub.add_parser(
         "run", help="run a job described by a pipelines/*.yaml file",
         description="Run the job a YAML config describes: its 'job' key says which ('batch': "
@@ -518,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="pipeline config (YAML)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output")
     p.set_defaults(func=_cmd_run)
+
+
+def _register_synth(sub: Any) -> None:
+    from medseg.batch.cli import positive_int
 
     p = sub.add_parser(
         "synth", help="generate labelled synthetic chest-CT phantoms",
@@ -546,14 +553,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_synth)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Lung segmentation and reporting for chest CT. Reads DICOM folders "
+        "(several series, compressed, enhanced multi-frame, DICOMDIR), NIfTI, NRRD and MHA.",
+        epilog="Run 'medseg COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _register_info(sub)
+    _register_convert(sub)
+    _register_segment(sub)
+    _register_evaluate(sub)
+    _register_train(sub)
+    _register_validate_model(sub)
+    _register_run(sub)
+    _register_synth(sub)
+    # commands with their own module
+    from medseg.batch.cli import register as register_batch
+    from medseg.pacs.cli import register as register_pacs
     from medseg.qc_cli import register as register_qc
 
     register_qc(sub)
-    from medseg.batch.cli import register as register_batch
-
     register_batch(sub)
-    from medseg.pacs.cli import register as register_pacs
-
     register_pacs(sub)
     return parser
 

@@ -635,13 +635,27 @@ def _record(db: StateDB, task: StudyTask, res: dict[str, Any], out: Path) -> dic
     return res
 
 
-def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchConfig,
-             model: str | None, threads: int | None, out: Path, status: dict[str, str],
-             report: Callable[[], None], log: Callable[[str], None],
-             pacs: Any = None) -> list[str]:
+@dataclass
+class _Run:
+    """What one run of :func:`run_batch` works with: the state, the settings every task gets,
+    where outputs go, and the status, progress and log it keeps up to date."""
+
+    db: StateDB
+    config: BatchConfig
+    model: str | None
+    threads: int | None
+    out: Path
+    status: dict[str, str]
+    report: Callable[[], None]
+    log: Callable[[str], None]
+    pacs: Any = None  # a medseg.pacs.batch.PacsJob for a DICOMweb source
+
+
+def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
     """Run ``todo`` with at most ``executor.capacity()`` studies in flight; returns the ids
     processed. On Ctrl-C (or an error of the whole batch) the in-flight studies are
     cancelled, their staging folders removed and their attempts given back."""
+    db, config, out, status, log = run.db, run.config, run.out, run.status, run.log
     queue = deque(todo)
     in_flight: dict[str, StudyTask] = {}
     processed: list[str] = []
@@ -660,8 +674,8 @@ def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchCon
                     raise OutputError(f"cannot create a staging folder: {exc.strerror}",
                                       path=staging) from exc
                 task = StudyTask(study_id=s.study_id, source=s.source, reference=s.reference,
-                                 staging=str(staging), method=config.method, model=model,
-                                 threads=threads, show_phi=config.show_phi, pacs=pacs)
+                                 staging=str(staging), method=config.method, model=run.model,
+                                 threads=run.threads, show_phi=config.show_phi, pacs=run.pacs)
                 in_flight[s.study_id] = task
                 executor.submit(task)
             task, res = executor.next_result()
@@ -683,7 +697,7 @@ def _execute(db: StateDB, executor: Any, todo: list[StudySpec], config: BatchCon
                 log(f"{task.study_id}: {res['error_type']}: {again}")
                 status[task.study_id] = "retrying"
                 queue.append(next(s for s in todo if s.study_id == task.study_id))
-            report()
+            run.report()
     except BaseException:  # Ctrl-C, or a problem of the whole batch: stop cleanly
         executor.cancel()
         for task in in_flight.values():
@@ -757,8 +771,9 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                 else:
                     executor = _InProcess()
                 try:
-                    processed = _execute(db, executor, todo, config, model, threads, out,
-                                         status, report, say, pacs=pacs)
+                    run = _Run(db=db, config=config, model=model, threads=threads, out=out,
+                               status=status, report=report, log=say, pacs=pacs)
+                    processed = _execute(run, executor, todo)
                 finally:
                     executor.close()
             rows = db.rows(s.study_id for s in studies)
