@@ -1,7 +1,9 @@
 """A DICOMweb client for medseg: QIDO-RS search, WADO-RS retrieve, STOW-RS store.
 
 A thin layer over :class:`dicomweb_client.DICOMwebClient` (the HTTP and multipart work is
-theirs) that adds what medseg needs around it:
+theirs) that adds what medseg needs around it. The connection settings and credentials are
+in :mod:`medseg.pacs.credentials`, the records the answers become in
+:mod:`medseg.pacs.records` (both re-exported here).
 
 * **Credentials stay secret.** They come from the environment (``MEDSEG_DICOMWEB_TOKEN``
   for a bearer token, or ``MEDSEG_DICOMWEB_USER`` + ``MEDSEG_DICOMWEB_PASSWORD``) or from
@@ -28,14 +30,11 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pydicom
 import requests
@@ -49,10 +48,24 @@ from medseg.errors import (
     PacsConnectionError,
     PacsError,
     PacsNotFoundError,
-    PacsStoreError,
     UnreadableFileError,
 )
-from medseg.pacs.options import DICOMWEB_PREFIX
+from medseg.pacs.credentials import (
+    ENV_PASSWORD,
+    ENV_TOKEN,
+    ENV_USER,
+    Credentials,
+    PacsConfig,
+    load_credentials,
+    make_config,
+)
+from medseg.pacs.records import (  # noqa: F401  (re-exported)
+    FAILURE_REASONS,
+    SeriesRecord,
+    StoreResult,
+    StudyRecord,
+    _reason_text,
+)
 
 __all__ = [
     "ENV_PASSWORD",
@@ -68,25 +81,12 @@ __all__ = [
     "make_config",
 ]
 
-ENV_USER = "MEDSEG_DICOMWEB_USER"
-ENV_PASSWORD = "MEDSEG_DICOMWEB_PASSWORD"
-ENV_TOKEN = "MEDSEG_DICOMWEB_TOKEN"
 
 #: STOW-RS requests are cut into parts of at most this many bytes of DICOM: one request per
 #: 141-slice CT would be 75 MB, which some proxies refuse; 64 MB keeps a typical CT in one
 #: or two requests.
 STORE_CHUNK_BYTES = 64 * 1024 * 1024
 
-#: DICOM PS3.18 / PS3.7 failure reasons a STOW-RS answer gives (FailureReason, 0008,1197).
-FAILURE_REASONS = {
-    0x0110: "processing failure",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0xA700: "out of resources",
-    0xA900: "data set does not match the SOP class, or the study in the URL",
-    0xC000: "cannot understand",
-    0xC122: "referenced transfer syntax not supported",
-}
 
 #: Results per QIDO-RS request; more are fetched page by page.
 QIDO_PAGE = 500
@@ -105,380 +105,10 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 # -- credentials and connection settings ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """HTTP credentials: ``basic`` (user + password), ``bearer`` (token) or ``none``.
-    ``origin`` says where they came from (``environment``, ``auth file <path>``), for
-    messages. The secrets are excluded from ``repr`` and ``str``."""
-
-    kind: str = "none"
-    username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    origin: str = ""
-
-    def __repr__(self) -> str:
-        where = f" from {self.origin}" if self.origin else ""
-        return f"Credentials({self.kind}{where})"
-
-    __str__ = __repr__
-
-    def auth(self) -> requests.auth.AuthBase | None:
-        """The ``requests`` authentication handler (``None`` without credentials)."""
-        if self.kind == "basic":
-            return _BasicAuth(self.username or "", self.password or "")
-        if self.kind == "bearer":
-            return _BearerAuth(self.token or "")
-        return None
-
-    def secrets(self) -> list[str]:
-        """The secret strings (tests assert they appear in no output)."""
-        return [s for s in (self.password, self.token) if s]
-
-
-class _BasicAuth(requests.auth.HTTPBasicAuth):
-    """HTTP basic authentication whose repr hides the user and password."""
-
-    def __repr__(self) -> str:
-        return "<basic auth>"
-
-
-class _BearerAuth(requests.auth.AuthBase):
-    """``Authorization: Bearer <token>``; the repr hides the token."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        r.headers["Authorization"] = f"Bearer {self._token}"
-        return r
-
-    def __repr__(self) -> str:
-        return "<bearer auth>"
-
-
-def _check_private(path: Path) -> None:
-    """An auth file must be readable by its owner only (like ~/.netrc and ssh keys):
-    credentials readable by other users of the machine are as good as public."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError as exc:
-        raise NotFoundError("no such auth file", path=path) from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read the auth file: {exc.strerror}", path=path) from exc
-    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"the auth file can be read by other users (mode "
-                          f"{stat.S_IMODE(mode):04o}); run 'chmod 600 {path}'", path=path)
-
-
-def _parse_netrc(text: str, host: str | None, path: Path) -> dict[str, str]:
-    """``machine HOST login USER password PASS`` (or ``default``), as in ``~/.netrc``; a
-    ``token TOKEN`` pair is accepted too. The entry for ``host`` wins over ``default``."""
-    words = text.split()
-    entries: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    i = 0
-    while i < len(words):
-        w = words[i]
-        if w == "machine" and i + 1 < len(words):
-            current = entries.setdefault(words[i + 1], {})
-            i += 2
-        elif w == "default":
-            current = entries.setdefault("", {})
-            i += 1
-        elif w in ("login", "password", "token", "account") and i + 1 < len(words):
-            if current is None:
-                raise ConfigError(f"'{w}' before any 'machine' line (netrc format)", path=path)
-            current[w] = words[i + 1]
-            i += 2
-        else:
-            raise ConfigError(f"unexpected word number {i + 1} (netrc format: machine HOST "
-                              "login USER password PASSWORD)", path=path)
-    entry = entries.get(host or "") or entries.get("")
-    if entry is None:
-        raise ConfigError(f"no 'machine {host}' (nor 'default') entry", path=path)
-    return entry
-
-
-def _from_auth_file(path: Path, host: str | None) -> Credentials:
-    _check_private(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the auth file: {exc}", path=path) from exc
-    origin = f"auth file {path}"
-    if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            # the message of a JSON error quotes no content, only the position
-            raise ConfigError(f"not valid JSON (line {exc.lineno}, column {exc.colno})",
-                              path=path) from exc
-        if not isinstance(data, dict) or not (set(data) & {"token", "username", "password"}):
-            raise ConfigError('expected {"username": ..., "password": ...} or '
-                              '{"token": ...}', path=path)
-        unknown = sorted(set(data) - {"token", "username", "password"})
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))}; expected "
-                              "username + password, or token", path=path)
-        entry = {"login": data.get("username"), "password": data.get("password"),
-                 "token": data.get("token")}
-        if not all(isinstance(v, str) or v is None for v in entry.values()):
-            raise ConfigError("username, password and token must be strings", path=path)
-    else:
-        entry = dict(_parse_netrc(text, host, path))
-    if entry.get("token"):
-        return Credentials("bearer", token=entry["token"], origin=origin)
-    if entry.get("login") and entry.get("password") is not None:
-        return Credentials("basic", username=entry["login"], password=entry["password"],
-                           origin=origin)
-    raise ConfigError("holds no token and no username + password", path=path)
-
-
-def load_credentials(auth_file: str | Path | None = None, *, host: str | None = None,
-                     env: Mapping[str, str] | None = None) -> Credentials:
-    """Credentials from ``auth_file`` (JSON ``{"username", "password"}`` or ``{"token"}``,
-    or netrc ``machine HOST login USER password PASS``; readable by its owner only), else
-    from the environment (``MEDSEG_DICOMWEB_TOKEN``, or ``MEDSEG_DICOMWEB_USER`` and
-    ``MEDSEG_DICOMWEB_PASSWORD``), else none."""
-    if auth_file is not None:
-        return _from_auth_file(Path(auth_file), host)
-    env = os.environ if env is None else env
-    if env.get(ENV_TOKEN):
-        return Credentials("bearer", token=env[ENV_TOKEN], origin="environment")
-    user, password = env.get(ENV_USER), env.get(ENV_PASSWORD)
-    if user and password is not None:
-        return Credentials("basic", username=user, password=password, origin="environment")
-    if user or password:
-        raise ConfigError(f"set both {ENV_USER} and {ENV_PASSWORD} (only one is set)")
-    return Credentials()
-
-
-@dataclass(frozen=True)
-class PacsConfig:
-    """Where and how to reach a DICOMweb server. ``url`` is the DICOMweb root (e.g.
-    ``http://localhost:8042/dicom-web``) without credentials; ``verify``: ``True`` (the
-    system's CAs), a CA bundle path, or ``False`` (``--insecure``); ``timeout`` in seconds
-    (connect and each read); ``retries``: extra tries on a connection error, 408, 429, 503,
-    504 (with back-off). Safe to print: the credentials' repr hides them."""
-
-    url: str
-    credentials: Credentials = field(default_factory=Credentials)
-    verify: bool | str = True
-    timeout: float = 30.0
-    retries: int = 2
-
-
-def _clean_url(url: str) -> str:
-    """The DICOMweb root: ``dicomweb+`` prefix and trailing slashes removed; refused when
-    it is not http(s), carries credentials (they would end up in shell history and logs) or
-    a query string."""
-    raw = url.strip()
-    if raw.lower().startswith(DICOMWEB_PREFIX):
-        raw = raw[len(DICOMWEB_PREFIX):]
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError as exc:
-        raise ConfigError(f"not a valid URL: {exc}") from exc
-    if parts.username is not None or parts.password is not None:
-        host = parts.hostname or "?"
-        raise ConfigError(f"the URL for {host} holds credentials: remove them from the URL "
-                          f"and use {ENV_USER}/{ENV_PASSWORD}, {ENV_TOKEN} or --auth-file")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{raw!r} is not a DICOMweb root URL; expected e.g. "
-                          "http://localhost:8042/dicom-web or https://pacs.example.org/dicomweb")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{raw}: a DICOMweb root URL has no query string or fragment")
-    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-
-
-def make_config(url: str, *, auth_file: str | Path | None = None,
-                ca_bundle: str | Path | None = None, insecure: bool = False,
-                timeout: float = 30.0, retries: int = 2,
-                env: Mapping[str, str] | None = None) -> PacsConfig:
-    """Validate the connection settings where they enter (the URL, the CA bundle, the
-    credentials' source) and return a :class:`PacsConfig`."""
-    clean = _clean_url(url)
-    if insecure and ca_bundle is not None:
-        raise ConfigError("give --ca-bundle or --insecure, not both")
-    if timeout <= 0:
-        raise ConfigError(f"the timeout must be positive, got {timeout}")
-    if retries < 0:
-        raise ConfigError(f"retries must be 0 or more, got {retries}")
-    verify: bool | str = True
-    if ca_bundle is not None:
-        if not Path(ca_bundle).is_file():
-            raise NotFoundError("no such CA bundle file", path=ca_bundle)
-        verify = os.path.abspath(ca_bundle)
-    elif insecure:
-        verify = False
-    creds = load_credentials(auth_file, host=urlsplit(clean).hostname, env=env)
-    return PacsConfig(url=clean, credentials=creds, verify=verify, timeout=timeout,
-                      retries=retries)
-
-
 # -- records ---------------------------------------------------------------------------------
 
 
-def _first(ds: Dataset, keyword: str) -> Any:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, pydicom.multival.MultiValue):
-        return value[0] if len(value) else None
-    return value
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    v = _first(ds, keyword)
-    try:
-        return int(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    v = _first(ds, keyword)
-    try:
-        return float(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _strings(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ()
-    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
-        return tuple(str(v) for v in value)
-    return (str(value),)
-
-
-@dataclass(frozen=True)
-class StudyRecord:
-    """One QIDO-RS study result. Patient identifiers are kept apart: ``to_dict`` holds
-    them only with ``show_phi``."""
-
-    study_uid: str
-    date: str | None
-    time: str | None
-    description: str | None
-    modalities: tuple[str, ...]
-    n_series: int | None
-    n_instances: int | None
-    patient_id: str | None = field(default=None, repr=False)
-    patient_name: str | None = field(default=None, repr=False)
-    accession: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> StudyRecord:
-        name = _first(ds, "PatientName")
-        return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
-                   date=_first(ds, "StudyDate"), time=_first(ds, "StudyTime"),
-                   description=_first(ds, "StudyDescription"),
-                   modalities=_strings(ds, "ModalitiesInStudy"),
-                   n_series=_int(ds, "NumberOfStudyRelatedSeries"),
-                   n_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-                   patient_id=_first(ds, "PatientID"),
-                   patient_name=str(name) if name is not None else None,
-                   accession=_first(ds, "AccessionNumber"))
-
-    def to_dict(self, show_phi: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "study_instance_uid": self.study_uid, "study_date": self.date,
-            "study_time": self.time, "study_description": self.description,
-            "modalities": list(self.modalities), "series": self.n_series,
-            "instances": self.n_instances}
-        if show_phi:
-            out.update(patient_id=self.patient_id, patient_name=self.patient_name,
-                       accession_number=self.accession)
-        return out
-
-
-@dataclass(frozen=True)
-class SeriesRecord:
-    """One QIDO-RS series result, with what the series selection rules look at."""
-
-    study_uid: str
-    series_uid: str
-    modality: str | None
-    number: int | None
-    description: str | None
-    n_instances: int | None
-    image_type: tuple[str, ...] | None
-    orientation: tuple[float, ...] | None
-    slice_thickness: float | None
-    pixel_spacing: tuple[float, ...] | None = None
-    n_frames: int | None = None
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> SeriesRecord:
-        def floats(keyword: str) -> tuple[float, ...] | None:
-            try:
-                vals = tuple(float(v) for v in _strings(ds, keyword))
-            except ValueError:
-                return None
-            return vals or None
-
-        image_type = _strings(ds, "ImageType")
-        return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
-                   series_uid=str(ds.get("SeriesInstanceUID", "")),
-                   modality=_first(ds, "Modality"), number=_int(ds, "SeriesNumber"),
-                   description=_first(ds, "SeriesDescription"),
-                   n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
-                   image_type=tuple(v.upper() for v in image_type) if image_type else None,
-                   orientation=floats("ImageOrientationPatient"),
-                   slice_thickness=_float(ds, "SliceThickness"),
-                   pixel_spacing=floats("PixelSpacing"),
-                   n_frames=_int(ds, "NumberOfFrames"))
-
-    def needs_metadata(self) -> bool:
-        """QIDO-RS servers need not return instance-level attributes for a series; then
-        one instance's metadata is fetched."""
-        return self.image_type is None or self.orientation is None or \
-            self.slice_thickness is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"study_instance_uid": self.study_uid, "series_instance_uid": self.series_uid,
-                "modality": self.modality, "series_number": self.number,
-                "series_description": self.description, "instances": self.n_instances,
-                "image_type": list(self.image_type) if self.image_type else None,
-                "orientation": list(self.orientation) if self.orientation else None,
-                "slice_thickness_mm": self.slice_thickness}
-
-
-@dataclass
-class StoreResult:
-    """What a STOW-RS store did: SOP instance UIDs stored, failed (with the reason), and
-    warnings the server gave for stored instances."""
-
-    stored: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    warnings: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-    def raise_for_failures(self, url: str) -> None:
-        """:class:`~medseg.errors.PacsStoreError` naming the first failed files and why."""
-        if not self.failed:
-            return
-        items = [f"{self.files.get(uid, uid)}: {why}" for uid, why in
-                 list(self.failed.items())[:5]]
-        more = f" (and {len(self.failed) - 5} more)" if len(self.failed) > 5 else ""
-        raise PacsStoreError(f"STOW-RS: {len(self.failed)} of {len(self.files)} instance(s) "
-                             f"not stored: {'; '.join(items)}{more}", url=url)
-
-
 # -- the client --------------------------------------------------------------------------
-
-
-def _reason_text(code: Any) -> str:
-    try:
-        n = int(code)
-    except (TypeError, ValueError):
-        return str(code)
-    word = FAILURE_REASONS.get(n) or ("refused" if 0xA000 <= n < 0xD000 else "failed")
-    return f"{word} (0x{n:04X})"
 
 
 class PacsClient:

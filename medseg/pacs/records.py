@@ -1,0 +1,185 @@
+"""What QIDO-RS and STOW-RS answers become: study and series records, store results and the
+words for DICOM failure reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from medseg.errors import (
+    PacsStoreError,
+)
+
+__all__ = ["FAILURE_REASONS", "SeriesRecord", "StoreResult", "StudyRecord"]
+
+
+#: DICOM PS3.18 / PS3.7 failure reasons a STOW-RS answer gives (FailureReason, 0008,1197).
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match the SOP class, or the study in the URL",
+    0xC000: "cannot understand",
+    0xC122: "referenced transfer syntax not supported",
+}
+
+
+def _first(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue):
+        return value[0] if len(value) else None
+    return value
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    v = _first(ds, keyword)
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    v = _first(ds, keyword)
+    try:
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _strings(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ()
+    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
+        return tuple(str(v) for v in value)
+    return (str(value),)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One QIDO-RS study result. Patient identifiers are kept apart: ``to_dict`` holds
+    them only with ``show_phi``."""
+
+    study_uid: str
+    date: str | None
+    time: str | None
+    description: str | None
+    modalities: tuple[str, ...]
+    n_series: int | None
+    n_instances: int | None
+    patient_id: str | None = field(default=None, repr=False)
+    patient_name: str | None = field(default=None, repr=False)
+    accession: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> StudyRecord:
+        name = _first(ds, "PatientName")
+        return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
+                   date=_first(ds, "StudyDate"), time=_first(ds, "StudyTime"),
+                   description=_first(ds, "StudyDescription"),
+                   modalities=_strings(ds, "ModalitiesInStudy"),
+                   n_series=_int(ds, "NumberOfStudyRelatedSeries"),
+                   n_instances=_int(ds, "NumberOfStudyRelatedInstances"),
+                   patient_id=_first(ds, "PatientID"),
+                   patient_name=str(name) if name is not None else None,
+                   accession=_first(ds, "AccessionNumber"))
+
+    def to_dict(self, show_phi: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "study_instance_uid": self.study_uid, "study_date": self.date,
+            "study_time": self.time, "study_description": self.description,
+            "modalities": list(self.modalities), "series": self.n_series,
+            "instances": self.n_instances}
+        if show_phi:
+            out.update(patient_id=self.patient_id, patient_name=self.patient_name,
+                       accession_number=self.accession)
+        return out
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One QIDO-RS series result, with what the series selection rules look at."""
+
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    number: int | None
+    description: str | None
+    n_instances: int | None
+    image_type: tuple[str, ...] | None
+    orientation: tuple[float, ...] | None
+    slice_thickness: float | None
+    pixel_spacing: tuple[float, ...] | None = None
+    n_frames: int | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> SeriesRecord:
+        def floats(keyword: str) -> tuple[float, ...] | None:
+            try:
+                vals = tuple(float(v) for v in _strings(ds, keyword))
+            except ValueError:
+                return None
+            return vals or None
+
+        image_type = _strings(ds, "ImageType")
+        return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
+                   series_uid=str(ds.get("SeriesInstanceUID", "")),
+                   modality=_first(ds, "Modality"), number=_int(ds, "SeriesNumber"),
+                   description=_first(ds, "SeriesDescription"),
+                   n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+                   image_type=tuple(v.upper() for v in image_type) if image_type else None,
+                   orientation=floats("ImageOrientationPatient"),
+                   slice_thickness=_float(ds, "SliceThickness"),
+                   pixel_spacing=floats("PixelSpacing"),
+                   n_frames=_int(ds, "NumberOfFrames"))
+
+    def needs_metadata(self) -> bool:
+        """QIDO-RS servers need not return instance-level attributes for a series; then
+        one instance's metadata is fetched."""
+        return self.image_type is None or self.orientation is None or \
+            self.slice_thickness is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study_instance_uid": self.study_uid, "series_instance_uid": self.series_uid,
+                "modality": self.modality, "series_number": self.number,
+                "series_description": self.description, "instances": self.n_instances,
+                "image_type": list(self.image_type) if self.image_type else None,
+                "orientation": list(self.orientation) if self.orientation else None,
+                "slice_thickness_mm": self.slice_thickness}
+
+
+@dataclass
+class StoreResult:
+    """What a STOW-RS store did: SOP instance UIDs stored, failed (with the reason), and
+    warnings the server gave for stored instances."""
+
+    stored: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def raise_for_failures(self, url: str) -> None:
+        """:class:`~medseg.errors.PacsStoreError` naming the first failed files and why."""
+        if not self.failed:
+            return
+        items = [f"{self.files.get(uid, uid)}: {why}" for uid, why in
+                 list(self.failed.items())[:5]]
+        more = f" (and {len(self.failed) - 5} more)" if len(self.failed) > 5 else ""
+        raise PacsStoreError(f"STOW-RS: {len(self.failed)} of {len(self.files)} instance(s) "
+                             f"not stored: {'; '.join(items)}{more}", url=url)
+
+
+def _reason_text(code: Any) -> str:
+    try:
+        n = int(code)
+    except (TypeError, ValueError):
+        return str(code)
+    word = FAILURE_REASONS.get(n) or ("refused" if 0xA000 <= n < 0xD000 else "failed")
+    return f"{word} (0x{n:04X})"
