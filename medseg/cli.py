@@ -326,7 +326,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _cmd_train(argparse.Namespace(config=args.config, output_dir=None,
                                              max_minutes=None, quiet=args.quiet))
     if job == "batch":
-        from medseg.batch.cli import run_config
+        from medseg.batch_cli import run_config
 
         return run_config(args.config, quiet=args.quiet)
     raise ConfigError(f"unknown job {job!r}; known: train, batch", path=args.config)
@@ -386,7 +386,7 @@ def _register_convert(sub: Any) -> None:
 
 
 def _register_segment(sub: Any) -> None:
-    from medseg.batch.cli import positive_int
+    from medseg.batch_cli import positive_int
 
     p = sub.add_parser(
         "segment", help="segment the lungs of a CT: lungs.nii.gz + segment.json",
@@ -524,7 +524,7 @@ def _register_run(sub: Any) -> None:
 
 
 def _register_synth(sub: Any) -> None:
-    from medseg.batch.cli import positive_int
+    from medseg.batch_cli import positive_int
 
     p = sub.add_parser(
         "synth", help="generate labelled synthetic chest-CT phantoms",
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_run(sub)
     _register_synth(sub)
     # commands with their own module
-    from medseg.batch.cli import register as register_batch
+    from medseg.batch_cli import register as register_batch
     from medseg.pacs.cli import register as register_pacs
     from medseg.qc_cli import register as register_qc
 

@@ -4,7 +4,9 @@
   package's own ``medseg._version`` and ``medseg._alloc`` are shared by all);
 * ``medseg.io`` imports nothing above it: only itself, ``medseg.errors``,
   ``medseg.volume``, ``medseg.conventions`` and ``medseg._version``
-  (ARCHITECTURE.md: "IO receives what it writes").
+  (ARCHITECTURE.md: "IO receives what it writes");
+* ``medseg.batch`` never imports ``medseg.pacs`` (ARCHITECTURE.md: "pacs and node depend on
+  batch's public API; batch never imports them").
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "medseg"
 #: Modules ``medseg.io`` may import: the layer's base.
 IO_MAY_IMPORT = ("medseg.io", "medseg.errors", "medseg.volume", "medseg.conventions",
                  "medseg._version")
+#: Subpackages a subpackage must never import (ARCHITECTURE.md).
+FORBIDDEN = {"batch": ("pacs", "node")}
 #: Private modules of the root package, shared by every subpackage.
 ROOT_PRIVATE = ("medseg._version", "medseg._alloc")
 
@@ -57,6 +61,9 @@ def violations(module: str, source: str) -> list[str]:
                     found.append(f"{module} imports the private name {target}.{name}")
             if here == "io" and not target.startswith(IO_MAY_IMPORT):
                 found.append(f"{module} (the IO layer) imports {target}, a layer above it")
+            if _subpackage(target) in FORBIDDEN.get(here, ()):
+                found.append(f"{module} imports {target}: {here} must not depend on "
+                             f"{_subpackage(target)}")
     return found
 
 
@@ -76,6 +83,8 @@ def test_the_package_keeps_its_layers() -> None:
      "the IO layer) imports medseg.quantify"),
     ("medseg.io.dicom_sr", "def f():\n    import medseg.segment\n",
      "the IO layer) imports medseg.segment"),
+    ("medseg.batch.runner", "def f():\n    from medseg.pacs.batch import make_job\n",
+     "batch must not depend on pacs"),
 ])
 def test_the_check_finds_what_it_forbids(module: str, source: str, expected: str) -> None:
     found = violations(module, source)

@@ -9,7 +9,8 @@ of a folder or manifest into ``OUT_DIR/<study_id>/``, records the state of each 
 * :mod:`medseg.batch.runner`: executors (in-process, local or external Dask cluster),
   staging and atomic promotion, retries;
 * :mod:`medseg.batch.summary`: ``summary.csv`` and the cohort validation report;
-* :mod:`medseg.batch.cli`: the command line.
+* the command line is :mod:`medseg.batch_cli` (above batch and pacs: it makes the remote
+  source of a ``dicomweb+URL`` SOURCE, :class:`~medseg.batch.sources.RemoteSource`).
 """
 
 from __future__ import annotations

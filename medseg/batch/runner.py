@@ -83,7 +83,6 @@ from medseg.errors import (
     PacsConnectionError,
     PacsNotFoundError,
 )
-from medseg.pacs.options import PACS_CACHE_NAME, PacsBatchOptions, is_dicomweb_source
 
 __all__ = [
     "STAGING_NAME",
@@ -117,9 +116,11 @@ class BatchConfig:
     ``reference_dir``: reference labels ``<id>.nii.gz`` for validation; ``method``, ``model``
     as for ``medseg segment``; ``max_attempts``: tries per study over all runs;
     ``threads``: torch threads per study (default: see the module docstring);
-    ``show_phi``: patient name/ID/date in the reports; ``pacs``: filters, ``push`` and
-    connection settings when ``source`` is a DICOMweb root ``dicomweb+URL`` (see
-    :mod:`medseg.pacs.batch`).
+    ``show_phi``: patient name/ID/date in the reports; ``remote``: for a ``source`` that is
+    not a folder or a manifest (a URL), the :class:`~medseg.batch.sources.RemoteSource`
+    that finds, fetches and (optionally) stores back its studies, e.g. a DICOMweb server
+    (:func:`medseg.pacs.batch.make_job`; ``medseg batch dicomweb+URL`` makes it). batch
+    never imports the packages that provide remote sources: they use batch's public API.
     """
 
     source: str
@@ -132,7 +133,7 @@ class BatchConfig:
     max_attempts: int = 2
     threads: int | None = None
     show_phi: bool = False
-    pacs: PacsBatchOptions | None = None
+    remote: Any = None
 
     def __post_init__(self) -> None:
         # ValueError: from_mapping turns it into a ConfigError naming the pipeline file.
@@ -150,9 +151,10 @@ class BatchConfig:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.method == "threshold" and self.model is not None:
             raise ValueError("model applies to method unet, not threshold")
-        if self.pacs is not None and not is_dicomweb_source(self.source):
-            raise ValueError("PACS options (push, filters, credentials) need a DICOMweb "
-                             f"source dicomweb+http(s)://..., got {self.source!r}")
+        if self.remote is None and "://" in str(self.source):
+            raise ValueError(f"source {self.source!r} is a URL: it needs a remote source "
+                             "(for a DICOMweb server, run it as 'medseg batch dicomweb+URL' "
+                             "or pass remote=medseg.pacs.batch.make_job(source, options))")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class StudyTask:
     model: str | None
     threads: int | None
     show_phi: bool
-    pacs: Any = None  # a medseg.pacs.batch.PacsJob for a DICOMweb source
+    remote: Any = None  # the batch's RemoteSource (picklable), for a remote source
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -263,12 +265,10 @@ def run_study(task: StudyTask) -> dict[str, Any]:
                                     reference=task.reference, study_id=task.study_id,
                                     show_phi=task.show_phi)
         extra: dict[str, Any] = {}
-        if task.pacs is None:
+        if task.remote is None:
             res = segment(task.source)
-        else:  # pull the study's series from the server first (and push the SEG after)
-            from medseg.pacs.batch import run_pacs_study
-
-            res, extra = run_pacs_study(task.pacs, task.source, staging, segment)
+        else:  # fetch the study first (and store the SEG and SR back after, if asked)
+            res, extra = task.remote.run_study(task.source, staging, segment)
         out.update(status="done", outputs=checksum_folder(staging),
                    result={**_study_result(staging, res.summary), **extra})
     except Exception as exc:  # noqa: BLE001 - one study's failure must never stop the others
@@ -547,7 +547,7 @@ def _resolve_model(config: BatchConfig) -> tuple[str | None, str]:
         model = {"name": loaded.spec.name, "sha256": loaded.sha256}
     fingerprint: dict[str, Any] = {"method": config.method, "model": model,
                                    "show_phi": config.show_phi}
-    if config.pacs is not None and config.pacs.push:  # stored back: a new result
+    if config.remote is not None and config.remote.pushes:  # stored back: a new result
         fingerprint["push"] = True
     params = json.dumps(fingerprint, sort_keys=True)
     return name, params
@@ -648,7 +648,7 @@ class _Run:
     status: dict[str, str]
     report: Callable[[], None]
     log: Callable[[str], None]
-    pacs: Any = None  # a medseg.pacs.batch.PacsJob for a DICOMweb source
+    remote: Any = None  # the batch's RemoteSource, for a remote source
 
 
 def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
@@ -675,7 +675,8 @@ def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
                                       path=staging) from exc
                 task = StudyTask(study_id=s.study_id, source=s.source, reference=s.reference,
                                  staging=str(staging), method=config.method, model=run.model,
-                                 threads=run.threads, show_phi=config.show_phi, pacs=run.pacs)
+                                 threads=run.threads, show_phi=config.show_phi,
+                                 remote=run.remote)
                 in_flight[s.study_id] = task
                 executor.submit(task)
             task, res = executor.next_result()
@@ -724,12 +725,9 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path=out) \
             from exc
     with _exclusive(out):
-        pacs = None
-        if is_dicomweb_source(config.source):
-            from medseg.pacs.batch import discover_pacs_studies, make_job
-
-            pacs = make_job(config.source, config.pacs)
-            studies = discover_pacs_studies(pacs, reference_dir=config.reference_dir)
+        remote = config.remote
+        if remote is not None:
+            studies = remote.discover(config.reference_dir)
         else:
             studies = discover_studies(config.source, reference_dir=config.reference_dir,
                                        exclude=out)
@@ -745,7 +743,8 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                 say(f"removing {len(leftovers)} incomplete staging folder(s) of an earlier "
                     "run")
             shutil.rmtree(staging_root, ignore_errors=True)
-            shutil.rmtree(out / PACS_CACHE_NAME, ignore_errors=True)
+            if remote is not None:
+                shutil.rmtree(out / remote.cache_name, ignore_errors=True)
             todo, skipped, exhausted = _plan(db, studies, params, out, config.max_attempts,
                                              say)
             # "pending" for what this run will do, the recorded status for the rest
@@ -772,7 +771,7 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                     executor = _InProcess()
                 try:
                     run = _Run(db=db, config=config, model=model, threads=threads, out=out,
-                               status=status, report=report, log=say, pacs=pacs)
+                               status=status, report=report, log=say, remote=remote)
                     processed = _execute(run, executor, todo)
                 finally:
                     executor.close()
@@ -787,6 +786,7 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
             result.outputs.update({f"validation_{k}": v for k, v in
                                    validation.outputs.items()})
         shutil.rmtree(out / STAGING_NAME, ignore_errors=True)
-        shutil.rmtree(out / PACS_CACHE_NAME, ignore_errors=True)
+        if remote is not None:
+            shutil.rmtree(out / remote.cache_name, ignore_errors=True)
         result.seconds = time.monotonic() - t0
     return result

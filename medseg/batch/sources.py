@@ -35,8 +35,10 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from medseg.conventions import LABEL_SUFFIXES, VOLUME_SUFFIXES
 from medseg.errors import ConfigError, InputError, NotFoundError
@@ -45,6 +47,7 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "RESERVED_NAMES",
     "VOLUME_SUFFIXES",
+    "RemoteSource",
     "StudySpec",
     "discover_studies",
     "find_reference",
@@ -75,6 +78,32 @@ class StudySpec:
     reference: str | None = None
     name: str = ""
 
+
+
+class RemoteSource(Protocol):
+    """A source of studies that are not local files (a DICOMweb server): given to
+    :class:`~medseg.batch.runner.BatchConfig` as ``remote``. batch calls it and never imports
+    the package that provides it; the provider implements it on batch's public API
+    (:class:`StudySpec`, :func:`unique_ids`, :func:`find_reference`, :func:`sanitize_id`).
+    It is pickled to the workers with each task."""
+
+    #: A folder inside OUT_DIR the source may use while it fetches (removed by the runner).
+    cache_name: str
+
+    @property
+    def pushes(self) -> bool:
+        """Whether results are stored back (a different result: part of the parameters)."""
+        ...
+
+    def discover(self, reference_dir: str | None) -> list[StudySpec]:
+        """The studies, with unique ids and their references (if ``reference_dir``)."""
+        ...
+
+    def run_study(self, source: str, staging: Path, segment: Callable[[Path], Any]
+                  ) -> tuple[Any, dict[str, Any]]:
+        """Fetch one study, ``segment(folder)`` it into ``staging``, store back if asked;
+        returns what ``segment`` returned and a small record for the state database."""
+        ...
 
 def sanitize_id(name: str) -> str:
     """A file-name-safe study id from a user-chosen name (see the module docstring)."""

@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from medseg.batch.sources import StudySpec, find_reference, sanitize_id, unique_ids
 from medseg.conventions import SEG_FILENAME, SR_FILENAME
@@ -54,6 +54,22 @@ class PacsJob:
 
     config: PacsConfig
     options: PacsBatchOptions
+
+    # -- medseg.batch.sources.RemoteSource --
+    #: Where workers pull a study's series, inside OUT_DIR (removed by the runner).
+    cache_name: ClassVar[str] = PACS_CACHE_NAME
+
+    @property
+    def pushes(self) -> bool:
+        """Whether the SEG and SR go back to the server (part of each study's parameters)."""
+        return self.options.push
+
+    def discover(self, reference_dir: str | Path | None) -> list[StudySpec]:
+        return discover_pacs_studies(self, reference_dir=reference_dir)
+
+    def run_study(self, source: str, staging: Path, segment: Callable[[Path], Any]
+                  ) -> tuple[Any, dict[str, Any]]:
+        return run_pacs_study(self, source, staging, segment)
 
 
 def make_job(source: str, options: PacsBatchOptions | None) -> PacsJob:

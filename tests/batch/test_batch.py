@@ -16,7 +16,7 @@ import yaml
 
 import medseg
 from medseg.batch import Progress
-from medseg.batch.cli import _BatchProgress, config_from_yaml
+from medseg.batch_cli import _BatchProgress, config_from_yaml
 from medseg.cli import main
 from medseg.errors import ConfigError
 from tests.batch.conftest import (

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from medseg.batch import StateDB, run_batch
-from medseg.batch.cli import run
 from medseg.batch.runner import StudyTask, _lost_task, failure_kind
+from medseg.batch_cli import run
 from medseg.errors import (
     ConfigError,
     NotFoundError,

@@ -213,7 +213,7 @@ def test_credentials_object_defaults() -> None:
 
 
 def test_batch_pipeline_file_with_pacs(tmp_path: Path) -> None:
-    from medseg.batch.cli import config_from_yaml
+    from medseg.batch_cli import config_from_yaml
 
     f = tmp_path / "batch.yaml"
     f.write_text("job: batch\nsource: dicomweb+http://localhost:8042/dicom-web\n"

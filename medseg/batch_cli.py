@@ -1,5 +1,8 @@
 """``medseg batch`` and ``medseg run <job: batch pipeline>``: argument parsing, progress
-and the printed summary. The work is :func:`medseg.batch.runner.run_batch`.
+and the printed summary. The work is :func:`medseg.batch.runner.run_batch`. This module is
+part of the command line, above both ``medseg.batch`` and ``medseg.pacs``: it turns a
+``dicomweb+URL`` SOURCE and its options into the remote source the runner is given
+(:func:`medseg.pacs.batch.make_job`), so that batch never imports pacs.
 
 Output streams: the progress bar and notes go to stderr (the bar only on a terminal and
 without ``-q``); the cohort summary goes to stdout (not with ``-q``); the table of failed
@@ -10,10 +13,12 @@ batch is failed (this run's failures and those out of attempts from earlier runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +28,7 @@ from medseg.conventions import METHODS, Method
 from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_MODEL
 from medseg.pacs.cli import add_batch_arguments, batch_options
+from medseg.pacs.options import PacsBatchOptions, is_dicomweb_source
 
 __all__ = ["config_from_yaml", "positive_int", "register", "run_config"]
 
@@ -163,9 +169,39 @@ def run(config: BatchConfig, *, quiet: bool = False) -> int:
     return EXIT_FAILED if result.failed else EXIT_OK
 
 
+@dataclass(frozen=True)
+class BatchJob(BatchConfig):
+    """A ``job: batch`` pipeline file: the :class:`BatchConfig` keys, and ``pacs`` (the
+    filters, ``push`` and connection settings of a ``dicomweb+URL`` source, see
+    :class:`~medseg.pacs.options.PacsBatchOptions`) in place of ``remote``."""
+
+    pacs: PacsBatchOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.pacs is not None and not is_dicomweb_source(self.source):
+            raise ValueError("PACS options (push, filters, credentials) need a DICOMweb "
+                             f"source dicomweb+http(s)://..., got {self.source!r}")
+        if is_dicomweb_source(self.source):
+            return  # remote is made from pacs by with_remote()
+        super().__post_init__()
+
+    def with_remote(self) -> BatchConfig:
+        """The config the runner takes: for a DICOMweb source, its remote source (the
+        connection settings and credentials validated here, before anything runs)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BatchConfig)}
+        if is_dicomweb_source(self.source):
+            from medseg.pacs.batch import make_job
+
+            fields["remote"] = make_job(self.source, self.pacs)
+        try:
+            return BatchConfig(**fields)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
 def _config(**kwargs: Any) -> BatchConfig:
     try:
-        return BatchConfig(**kwargs)
+        return BatchJob(**kwargs).with_remote()
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -180,10 +216,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return run(config, quiet=args.quiet)
 
 
-def config_from_yaml(path: str | Path) -> BatchConfig:
-    """The :class:`BatchConfig` of a ``job: batch`` pipeline file: unknown keys, wrong types
+def config_from_yaml(path: str | Path) -> BatchJob:
+    """The :class:`BatchJob` of a ``job: batch`` pipeline file: unknown keys, wrong types
     and invalid values are :class:`~medseg.errors.ConfigError` naming the file and the key.
-    Paths in it are relative to the current directory (as in the training config)."""
+    Paths in it are relative to the current directory (as in the training config). Run it
+    with ``run(job.with_remote())``."""
     from medseg.config import from_mapping, read_yaml
 
     p = Path(path)
@@ -191,12 +228,19 @@ def config_from_yaml(path: str | Path) -> BatchConfig:
     if data.get("job") != "batch":
         raise ConfigError(f"expected 'job: batch', got job {data.get('job')!r}", path=p)
     data = {k: v for k, v in data.items() if k != "job"}
-    return from_mapping(BatchConfig, data, path=p)
+    if "remote" in data:
+        raise ConfigError("unknown key 'remote' (a DICOMweb source takes 'pacs')", path=p)
+    job = from_mapping(BatchJob, data, path=p)
+    try:
+        job.with_remote()  # the connection settings checked now, naming the file
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, path=p) from exc
+    return job
 
 
 def run_config(config: Path, *, quiet: bool = False) -> int:
     """``medseg run pipelines/batch_lung.yaml``."""
-    return run(config_from_yaml(config), quiet=quiet)
+    return run(config_from_yaml(config).with_remote(), quiet=quiet)
 
 
 def positive_int(text: str) -> int:
