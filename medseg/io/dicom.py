@@ -62,6 +62,7 @@ from medseg.errors import (
     SeriesSelectionError,
     UnreadableFileError,
 )
+from medseg.io import header
 from medseg.io.limits import (
     SLICE_SPACING_RANGE_MM,
     check_extent,
@@ -317,40 +318,8 @@ class DicomScan:
         }
 
 
-# -- header parsing -----------------------------------------------------------------------
-def _str(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value).strip() or None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-    return out if out is None or np.isfinite(out) else None
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    if len(vals) != n or not all(np.isfinite(vals)):
-        return None
-    return vals
+# -- header parsing: medseg.io.header --------------------------------------------------------
+_str, _int, _float, _floats = header.text, header.integer, header.number, header.numbers
 
 
 def _rescale(slope: Any, intercept: Any) -> tuple[float, float, str | None]:

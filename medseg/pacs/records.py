@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from medseg.errors import (
     PacsStoreError,
 )
+from medseg.io.header import first, first_float, first_int, strings
 
 __all__ = ["FAILURE_REASONS", "SeriesRecord", "StoreResult", "StudyRecord"]
 
@@ -26,40 +26,6 @@ FAILURE_REASONS = {
     0xC000: "cannot understand",
     0xC122: "referenced transfer syntax not supported",
 }
-
-
-def _first(ds: Dataset, keyword: str) -> Any:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, pydicom.multival.MultiValue):
-        return value[0] if len(value) else None
-    return value
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    v = _first(ds, keyword)
-    try:
-        return int(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    v = _first(ds, keyword)
-    try:
-        return float(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _strings(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ()
-    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
-        return tuple(str(v) for v in value)
-    return (str(value),)
 
 
 @dataclass(frozen=True)
@@ -80,16 +46,16 @@ class StudyRecord:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> StudyRecord:
-        name = _first(ds, "PatientName")
+        name = first(ds, "PatientName")
         return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
-                   date=_first(ds, "StudyDate"), time=_first(ds, "StudyTime"),
-                   description=_first(ds, "StudyDescription"),
-                   modalities=_strings(ds, "ModalitiesInStudy"),
-                   n_series=_int(ds, "NumberOfStudyRelatedSeries"),
-                   n_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-                   patient_id=_first(ds, "PatientID"),
+                   date=first(ds, "StudyDate"), time=first(ds, "StudyTime"),
+                   description=first(ds, "StudyDescription"),
+                   modalities=strings(ds, "ModalitiesInStudy"),
+                   n_series=first_int(ds, "NumberOfStudyRelatedSeries"),
+                   n_instances=first_int(ds, "NumberOfStudyRelatedInstances"),
+                   patient_id=first(ds, "PatientID"),
                    patient_name=str(name) if name is not None else None,
-                   accession=_first(ds, "AccessionNumber"))
+                   accession=first(ds, "AccessionNumber"))
 
     def to_dict(self, show_phi: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -123,22 +89,22 @@ class SeriesRecord:
     def from_dataset(cls, ds: Dataset) -> SeriesRecord:
         def floats(keyword: str) -> tuple[float, ...] | None:
             try:
-                vals = tuple(float(v) for v in _strings(ds, keyword))
+                vals = tuple(float(v) for v in strings(ds, keyword))
             except ValueError:
                 return None
             return vals or None
 
-        image_type = _strings(ds, "ImageType")
+        image_type = strings(ds, "ImageType")
         return cls(study_uid=str(ds.get("StudyInstanceUID", "")),
                    series_uid=str(ds.get("SeriesInstanceUID", "")),
-                   modality=_first(ds, "Modality"), number=_int(ds, "SeriesNumber"),
-                   description=_first(ds, "SeriesDescription"),
-                   n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+                   modality=first(ds, "Modality"), number=first_int(ds, "SeriesNumber"),
+                   description=first(ds, "SeriesDescription"),
+                   n_instances=first_int(ds, "NumberOfSeriesRelatedInstances"),
                    image_type=tuple(v.upper() for v in image_type) if image_type else None,
                    orientation=floats("ImageOrientationPatient"),
-                   slice_thickness=_float(ds, "SliceThickness"),
+                   slice_thickness=first_float(ds, "SliceThickness"),
                    pixel_spacing=floats("PixelSpacing"),
-                   n_frames=_int(ds, "NumberOfFrames"))
+                   n_frames=first_int(ds, "NumberOfFrames"))
 
     def needs_metadata(self) -> bool:
         """QIDO-RS servers need not return instance-level attributes for a series; then
