@@ -206,7 +206,7 @@ def read_source_planes(image: CTVolume) -> tuple[list[Dataset], list[SourcePlane
     geometry of each of their frames, in the order highdicom pairs frames with sources:
     one plane per single-frame file in ``metadata.source_files`` order, or every frame of
     the one multi-frame file in frame order."""
-    from medseg.io.dicom import _frames_of
+    from medseg.io.dicom.headers import _frames_of
 
     md = image.metadata
     if md.source_format != "dicom" or not md.source_files:

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medseg.errors import InconsistentOrientationError, MissingSlicesError, NotAVolumeError
-from medseg.io.dicom import FrameRecord, SeriesInfo, _plan_stack
+from medseg.io.dicom import FrameRecord, SeriesInfo
+from medseg.io.dicom.checks import _plan_stack
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
