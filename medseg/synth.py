@@ -361,6 +361,223 @@ def _add_abdomen(rng: np.random.Generator, hu: npt.NDArray[Any], cv: _Canvas, an
         hu[lumen & (yy <= level)] = AIR_HU
 
 
+# -- the parts of a phantom, drawn in this order from one random stream ------------------------
+@dataclass
+class _Drawing:
+    """A phantom being drawn: the random stream, the canvas and anatomy, the two arrays, the
+    world coordinates (broadcastable) and what later parts need of earlier ones."""
+
+    rng: np.random.Generator
+    cv: _Canvas
+    an: _Anatomy
+    hu: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.uint8]
+    x: npt.NDArray[Any]
+    y: npt.NDArray[Any]
+    z: npt.NDArray[Any]
+    body: npt.NDArray[np.bool_] | None = None
+    r_body: npt.NDArray[Any] | None = None      # (x/ax)^2 + (y/ay)^2 of the body ellipse
+    xw: npt.NDArray[Any] | None = None          # warped coordinates the lungs are drawn in
+    yw: npt.NDArray[Any] | None = None
+    zw: npt.NDArray[Any] | None = None
+    lung_any: npt.NDArray[np.bool_] | None = None
+
+    @classmethod
+    def start(cls, rng: np.random.Generator, cv: _Canvas, an: _Anatomy) -> _Drawing:
+        shape = (len(cv.z), len(cv.y), len(cv.x))
+        return cls(rng=rng, cv=cv, an=an, hu=np.full(shape, AIR_HU, np.float32),
+                   labels=np.zeros(shape, np.uint8), x=cv.x[None, None, :],
+                   y=cv.y[None, :, None], z=cv.z[:, None, None])
+
+    @property
+    def lung_len(self) -> float:
+        return float(self.an.z_apex - self.an.z_base)
+
+
+def _draw_body(d: _Drawing) -> None:
+    """An ellipse of fat around soft tissue, slowly narrowing toward the neck."""
+    an, x, y, z = d.an, d.x, d.y, d.z
+    taper = 1.0 - 0.25 * np.clip((z - an.z_apex + 40) / 120, 0, 1)
+    d.r_body = (x / (an.body_ax * taper)) ** 2 + (y / (an.body_ay * taper)) ** 2
+    d.body = d.r_body < 1.0
+    inner_ax = an.body_ax * taper - an.fat
+    inner_ay = an.body_ay * taper - an.fat
+    d.hu[d.body] = FAT_HU
+    d.hu[d.body & ((x / inner_ax) ** 2 + (y / inner_ay) ** 2 < 1.0)] = SOFT_TISSUE_HU
+
+
+def _draw_lungs(d: _Drawing) -> None:
+    """Two lungs, drawn in smoothly warped coordinates so no two phantoms share a shape: an
+    elliptic cross-section, a half-ellipsoid apex in the top 40 %, a domed base."""
+    an, rng, cv = d.an, d.rng, d.cv
+    shape = d.hu.shape
+    sx, sy, sz = cv.spacing
+    warp = _warp_fields(rng, (shape[0], shape[1], shape[2]), (sx, sy, sz),
+                        amplitude=rng.uniform(4, 14))
+    xw, yw, zw = d.x + warp[0], d.y + warp[1], d.z + warp[2]
+    d.xw, d.yw, d.zw = xw, yw, zw
+    assert d.body is not None
+    for lab, sign, ax, dome in ((1, -1.0, an.lung_ax[0], an.dome[0]),
+                                (2, 1.0, an.lung_ax[1], an.dome[1])):
+        cx = sign * an.lung_cx
+        u = (xw - cx) / ax
+        v = (yw - an.lung_cy) / an.lung_ay
+        r2 = u ** 2 + v ** 2
+        t_top = np.clip((zw - (an.z_base + 0.6 * d.lung_len)) / (0.4 * d.lung_len), 0, 1)
+        scale = np.sqrt(np.clip(1 - t_top ** 2, 0, 1))
+        base = an.z_base + dome * np.clip(1 - r2, 0, 1)
+        lung = (r2 < scale ** 2) & (zw > base) & (zw < an.z_apex)
+        d.labels[lung & d.body] = lab
+
+
+def _carve_heart_and_mediastinum(d: _Drawing) -> npt.NDArray[np.bool_]:
+    """The heart and mediastinum carve the lungs (the left lung gets a cardiac notch);
+    returns the heart."""
+    an, xw, yw, zw = d.an, d.xw, d.yw, d.zw
+    assert xw is not None and yw is not None and zw is not None
+    hx, hy, hz, hax, hay, haz = an.heart
+    heart = ((xw - hx) / hax) ** 2 + ((yw - hy) / hay) ** 2 + ((zw - hz) / haz) ** 2 < 1
+    med_ax = an.mediastinum_ax
+    mediastinum = ((xw - 8) / med_ax) ** 2 + ((yw + 0.1 * an.body_ay) / (0.8 * an.body_ay)) ** 2 < 1
+    d.labels[heart | mediastinum] = 0
+    d.lung_any = d.labels > 0
+    d.hu[d.lung_any] = LUNG_HU
+    return np.asarray(heart)
+
+
+def _lung_texture(d: _Drawing, heart: npt.NDArray[np.bool_]) -> None:
+    """Parenchyma: smooth fluctuation plus a posterior (dependent) density gradient; blood
+    in the heart."""
+    an, cv = d.an, d.cv
+    sx, sy, sz = cv.spacing
+    assert d.lung_any is not None
+    tex = ndimage.gaussian_filter(d.rng.normal(0, 1, d.hu.shape).astype(np.float32),
+                                  sigma=(3.0 / sz, 3.0 / sy, 3.0 / sx))
+    tex *= 25.0 / max(float(tex.std()), 1e-6)
+    grad = 60.0 * np.clip((d.y - an.lung_cy) / an.lung_ay, -1, 1)
+    d.hu = np.where(d.lung_any, d.hu + tex + grad, d.hu)
+    d.hu[heart] = BLOOD_HU
+
+
+def _lung_pathology(d: _Drawing) -> None:
+    """One or two blobs of consolidation, ground glass or emphysema (part of the lung)."""
+    rng, cv, x, y, z = d.rng, d.cv, d.x, d.y, d.z
+    assert d.lung_any is not None
+    for _ in range(int(rng.integers(1, 3))):
+        kind = rng.choice(["consolidation", "ground_glass", "emphysema"])
+        idx = np.argwhere(d.lung_any)
+        if idx.size == 0:
+            break
+        k, j, i = idx[int(rng.integers(len(idx)))]
+        c = np.array([cv.x[i], cv.y[j], cv.z[k]])
+        r = rng.uniform(12, 35)
+        blob = (x - c[0]) ** 2 + (y - c[1]) ** 2 + ((z - c[2]) * 0.8) ** 2 < r ** 2
+        blob &= d.lung_any
+        value = {"consolidation": CONSOLIDATION_HU, "ground_glass": GROUND_GLASS_HU,
+                 "emphysema": EMPHYSEMA_HU}[str(kind)]
+        d.hu[blob] = value + rng.normal(0, 15)
+
+
+def _vessels(d: _Drawing) -> None:
+    """A vessel tree from each hilum, inside its own lung."""
+    an, rng = d.an, d.rng
+    for lab, sign in ((1, -1.0), (2, 1.0)):
+        hilum = np.array([sign * an.lung_cx * 0.55, an.lung_cy, an.z_base + 0.55 * d.lung_len])
+        for direction in ([sign, 0.2, 0.6], [sign, 0.1, -0.7], [sign, -0.6, 0.0],
+                          [sign, 0.6, -0.2], [0.5 * sign, 0.8, 0.4], [0.5 * sign, -0.5, -0.6]):
+            for a, b, r in _vessel_tree(rng, hilum, np.array(direction, float),
+                                        rng.uniform(3, 5.5), 5):
+                res = d.cv.tube(a, b, r)
+                if res is None:
+                    continue
+                box, m = res
+                m &= d.labels[box] == lab
+                d.hu[box][m] = BLOOD_HU + rng.normal(0, 10)
+
+
+def _nodule(d: _Drawing) -> None:
+    """A solid nodule (4-10 mm radius) inside one lung."""
+    rng, cv = d.rng, d.cv
+    assert d.lung_any is not None
+    idx = np.argwhere(d.lung_any)
+    if not idx.size:
+        return
+    k, j, i = idx[int(rng.integers(len(idx)))]
+    r = rng.uniform(4, 10)
+    centre = np.array([cv.x[i], cv.y[j], cv.z[k]])
+    res = cv.tube(centre, centre.copy(), r)
+    if res is not None:
+        box, m = res
+        m &= d.labels[box] > 0
+        d.hu[box][m] = NODULE_HU
+
+
+def _airways(d: _Drawing) -> None:
+    """The trachea down the midline and a main bronchus to each lung: air in a soft-tissue
+    wall, not lung."""
+    an, rng = d.an, d.rng
+    carina = np.array([0.0, an.lung_cy - 0.15 * an.lung_ay, an.z_base + 0.62 * d.lung_len])
+    top = carina + np.array([0.0, -10.0, 400.0])
+    segments = [(top, carina, rng.uniform(7, 10))]
+    for sign, angle in ((-1.0, rng.uniform(20, 35)), (1.0, rng.uniform(35, 50))):
+        length = rng.uniform(35, 50)
+        heading = np.array([sign * np.sin(np.radians(angle)), 0.1, -np.cos(np.radians(angle))])
+        segments.append((carina, carina + heading * length, rng.uniform(5, 7)))
+    for a, b, r in segments:
+        wall = d.cv.tube(a, b, r + 1.5)
+        if wall is not None:
+            box, m = wall
+            d.hu[box][m & (d.labels[box] == 0)] = SOFT_TISSUE_HU
+        lumen = d.cv.tube(a, b, r)
+        if lumen is not None:
+            box, m = lumen
+            d.hu[box][m] = AIR_HU
+            d.labels[box][m] = 0
+        if wall is not None:
+            box, m = wall
+            d.labels[box][m] = 0
+
+
+def _aorta_spine_and_ribs(d: _Drawing) -> None:
+    """The descending aorta (left of the spine), the spine and the ribs: outside the lungs."""
+    an, rng, x, y, z = d.an, d.rng, d.x, d.y, d.z
+    assert d.r_body is not None
+    spine_y = an.body_ay * 0.72
+    aorta = d.cv.tube(np.array([25.0, spine_y - 35, -1000.0]),
+                      np.array([25.0, spine_y - 35, 1000.0]), rng.uniform(10, 14))
+    if aorta is not None:
+        box, m = aorta
+        d.hu[box][m] = BLOOD_HU
+        d.labels[box][m] = 0
+    spine_r = rng.uniform(14, 20)
+    d_spine = np.sqrt(x ** 2 + (y - spine_y) ** 2)
+    d.hu = np.where(np.broadcast_to(d_spine < spine_r, d.hu.shape), CANCELLOUS_BONE_HU, d.hu)
+    d.hu = np.where(np.broadcast_to((d_spine >= spine_r) & (d_spine < spine_r + 2.5),
+                                    d.hu.shape), CORTICAL_BONE_HU, d.hu)
+    d.labels[np.broadcast_to(d_spine < spine_r + 2.5, d.labels.shape)] = 0
+    rib_period = rng.uniform(22, 30)
+    rib_phase = rng.uniform(0, rib_period)
+    rib_band = np.abs(((z - rib_phase) % rib_period) - rib_period / 2) < 5
+    ring = (d.r_body < (1 - (an.fat + 4) / an.body_ay) ** 2) & \
+        (d.r_body > (1 - (an.fat + 12) / an.body_ay) ** 2)
+    ribs = ring & rib_band & (y > -0.6 * an.body_ay) & (d.labels == 0)  # outside the pleura
+    d.hu[ribs] = RIB_HU
+
+
+def _table_and_field_of_view(d: _Drawing, extent: npt.NDArray[np.float64]) -> None:
+    """The table under the patient, and (half the time) the scanner's padding value outside
+    the reconstruction circle."""
+    x, y = d.x, d.y
+    table = (y > d.an.body_ay + 15) & (y < d.an.body_ay + 25) & (np.abs(x) < 200)
+    d.hu[np.broadcast_to(table, d.hu.shape)] = TABLE_HU
+    # reconstruction circle: many scanners store -1024 (or less) outside it
+    if d.rng.random() < 0.5:
+        fov_r = 0.5 * min(extent[0], extent[1]) * d.rng.uniform(0.95, 1.0)
+        outside = np.broadcast_to(x ** 2 + y ** 2 > fov_r ** 2, d.hu.shape)
+        d.hu[outside] = HU_FLOOR
+        d.labels[outside] = 0
+
+
 def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] = (64, 128, 128),
@@ -412,143 +629,22 @@ def make_phantom(
     blur_mm = float(rng.uniform(0.3, 1.6)) if blur_mm is None else blur_mm
     pathology = bool(rng.random() < 0.6) if pathology is None else pathology
 
-    z = cv.z[:, None, None]
-    y = cv.y[None, :, None]
-    x = cv.x[None, None, :]
-    # body: an ellipse slowly narrowing toward the neck
-    taper = 1.0 - 0.25 * np.clip((z - an.z_apex + 40) / 120, 0, 1)
-    r_body = (x / (an.body_ax * taper)) ** 2 + (y / (an.body_ay * taper)) ** 2
-    hu = np.full((nz, ny, nx), AIR_HU, np.float32)
-    body = r_body < 1.0
-    inner_ax = an.body_ax * taper - an.fat
-    inner_ay = an.body_ay * taper - an.fat
-    hu[body] = FAT_HU
-    hu[body & ((x / inner_ax) ** 2 + (y / inner_ay) ** 2 < 1.0)] = SOFT_TISSUE_HU
-
-    # lungs, drawn in smoothly warped coordinates so no two phantoms share a shape
-    warp = _warp_fields(rng, (nz, ny, nx), (sx, sy, sz), amplitude=rng.uniform(4, 14))
-    xw, yw, zw = x + warp[0], y + warp[1], z + warp[2]
-    labels = np.zeros((nz, ny, nx), np.uint8)
-    lung_len = an.z_apex - an.z_base
-    for lab, sign, ax, dome in ((1, -1.0, an.lung_ax[0], an.dome[0]),
-                                (2, 1.0, an.lung_ax[1], an.dome[1])):
-        cx = sign * an.lung_cx
-        u = (xw - cx) / ax
-        v = (yw - an.lung_cy) / an.lung_ay
-        r2 = u ** 2 + v ** 2
-        # apex: cross-section shrinks like a half ellipsoid in the top 40 %
-        t_top = np.clip((zw - (an.z_base + 0.6 * lung_len)) / (0.4 * lung_len), 0, 1)
-        scale = np.sqrt(np.clip(1 - t_top ** 2, 0, 1))
-        # base: a dome, higher in the middle of the lung
-        base = an.z_base + dome * np.clip(1 - r2, 0, 1)
-        lung = (r2 < scale ** 2) & (zw > base) & (zw < an.z_apex)
-        labels[lung & body] = lab
-    # heart and mediastinum carve the lungs (the left lung gets a cardiac notch)
-    hx, hy, hz, hax, hay, haz = an.heart
-    heart = ((xw - hx) / hax) ** 2 + ((yw - hy) / hay) ** 2 + ((zw - hz) / haz) ** 2 < 1
-    med_ax = an.mediastinum_ax
-    mediastinum = ((xw - 8) / med_ax) ** 2 + ((yw + 0.1 * an.body_ay) / (0.8 * an.body_ay)) ** 2 < 1
-    labels[heart | mediastinum] = 0
-    lung_any = labels > 0
-    hu[lung_any] = LUNG_HU
-    # texture: smooth fluctuation plus a posterior (dependent) density gradient
-    tex = ndimage.gaussian_filter(rng.normal(0, 1, (nz, ny, nx)).astype(np.float32),
-                                  sigma=(3.0 / sz, 3.0 / sy, 3.0 / sx))
-    tex *= 25.0 / max(float(tex.std()), 1e-6)
-    grad = 60.0 * np.clip((y - an.lung_cy) / an.lung_ay, -1, 1)
-    hu = np.where(lung_any, hu + tex + grad, hu)
-    hu[heart] = BLOOD_HU
-
-    # pathology inside the lungs (part of the lung label)
+    d = _Drawing.start(rng, cv, an)
+    _draw_body(d)
+    _draw_lungs(d)
+    heart = _carve_heart_and_mediastinum(d)
+    _lung_texture(d, heart)
     if pathology:
-        for _ in range(int(rng.integers(1, 3))):
-            kind = rng.choice(["consolidation", "ground_glass", "emphysema"])
-            idx = np.argwhere(lung_any)
-            if idx.size == 0:
-                break
-            k, j, i = idx[int(rng.integers(len(idx)))]
-            c = np.array([cv.x[i], cv.y[j], cv.z[k]])
-            r = rng.uniform(12, 35)
-            blob = (x - c[0]) ** 2 + (y - c[1]) ** 2 + ((z - c[2]) * 0.8) ** 2 < r ** 2
-            blob &= lung_any
-            value = {"consolidation": CONSOLIDATION_HU, "ground_glass": GROUND_GLASS_HU,
-                     "emphysema": EMPHYSEMA_HU}[str(kind)]
-            hu[blob] = value + rng.normal(0, 15)
-    # vessels: a tree from each hilum
-    for lab, sign in ((1, -1.0), (2, 1.0)):
-        hilum = np.array([sign * an.lung_cx * 0.55, an.lung_cy, an.z_base + 0.55 * lung_len])
-        for d in ([sign, 0.2, 0.6], [sign, 0.1, -0.7], [sign, -0.6, 0.0], [sign, 0.6, -0.2],
-                  [0.5 * sign, 0.8, 0.4], [0.5 * sign, -0.5, -0.6]):
-            for a, b, r in _vessel_tree(rng, hilum, np.array(d, float), rng.uniform(3, 5.5), 5):
-                res = cv.tube(a, b, r)
-                if res is None:
-                    continue
-                box, m = res
-                m &= labels[box] == lab
-                hu[box][m] = BLOOD_HU + rng.normal(0, 10)
-    # nodule, inside one lung
+        _lung_pathology(d)
+    _vessels(d)
     if nodule:
-        idx = np.argwhere(lung_any)
-        if idx.size:
-            k, j, i = idx[int(rng.integers(len(idx)))]
-            r = rng.uniform(4, 10)
-            res = cv.tube(np.array([cv.x[i], cv.y[j], cv.z[k]]),
-                          np.array([cv.x[i], cv.y[j], cv.z[k]]), r)
-            if res is not None:
-                box, m = res
-                m &= labels[box] > 0
-                hu[box][m] = NODULE_HU
-    # airways: trachea down the midline, main bronchi to each lung; not lung
-    carina = np.array([0.0, an.lung_cy - 0.15 * an.lung_ay, an.z_base + 0.62 * lung_len])
-    top = carina + np.array([0.0, -10.0, 400.0])
-    airway_segments = [(top, carina, rng.uniform(7, 10))]
-    for sign, angle in ((-1.0, rng.uniform(20, 35)), (1.0, rng.uniform(35, 50))):
-        length = rng.uniform(35, 50)
-        heading = np.array([sign * np.sin(np.radians(angle)), 0.1, -np.cos(np.radians(angle))])
-        airway_segments.append((carina, carina + heading * length, rng.uniform(5, 7)))
-    for a, b, r in airway_segments:
-        wall = cv.tube(a, b, r + 1.5)
-        if wall is not None:
-            box, m = wall
-            hu[box][m & (labels[box] == 0)] = SOFT_TISSUE_HU
-        lumen = cv.tube(a, b, r)
-        if lumen is not None:
-            box, m = lumen
-            hu[box][m] = AIR_HU
-            labels[box][m] = 0
-        if wall is not None:
-            box, m = wall
-            labels[box][m] = 0
-    # aorta (descending, left of the spine) and spine and ribs: outside the lungs
-    spine_y = an.body_ay * 0.72
-    aorta = cv.tube(np.array([25.0, spine_y - 35, -1000.0]), np.array([25.0, spine_y - 35, 1000.0]),
-                    rng.uniform(10, 14))
-    if aorta is not None:
-        box, m = aorta
-        hu[box][m] = BLOOD_HU
-        labels[box][m] = 0
-    spine_r = rng.uniform(14, 20)
-    d_spine = np.sqrt(x ** 2 + (y - spine_y) ** 2)
-    hu = np.where(np.broadcast_to(d_spine < spine_r, hu.shape), CANCELLOUS_BONE_HU, hu)
-    hu = np.where(np.broadcast_to((d_spine >= spine_r) & (d_spine < spine_r + 2.5), hu.shape),
-                  CORTICAL_BONE_HU, hu)
-    labels[np.broadcast_to(d_spine < spine_r + 2.5, labels.shape)] = 0
-    rib_period = rng.uniform(22, 30)
-    rib_phase = rng.uniform(0, rib_period)
-    rib_band = np.abs(((z - rib_phase) % rib_period) - rib_period / 2) < 5
-    ring = (r_body < (1 - (an.fat + 4) / an.body_ay) ** 2) & \
-        (r_body > (1 - (an.fat + 12) / an.body_ay) ** 2)
-    ribs = ring & rib_band & (y > -0.6 * an.body_ay) & (labels == 0)  # outside the pleura
-    hu[ribs] = RIB_HU
-    # table under the patient
-    table = (y > an.body_ay + 15) & (y < an.body_ay + 25) & (np.abs(x) < 200)
-    hu[np.broadcast_to(table, hu.shape)] = TABLE_HU
-    # reconstruction circle: many scanners store -1024 (or less) outside it
-    if rng.random() < 0.5:
-        fov_r = 0.5 * min(extent[0], extent[1]) * rng.uniform(0.95, 1.0)
-        outside = np.broadcast_to(x ** 2 + y ** 2 > fov_r ** 2, hu.shape)
-        hu[outside] = HU_FLOOR
-        labels[outside] = 0
+        _nodule(d)
+    _airways(d)
+    _aorta_spine_and_ribs(d)
+    _table_and_field_of_view(d, extent)
+    hu, labels = d.hu, d.labels
+    xw, yw, zw = d.xw, d.yw, d.zw
+    assert xw is not None and yw is not None and zw is not None
     # optional structures, drawn last from their own generators
     if effusion:
         _add_effusion(np.random.default_rng([seed, 3]), hu, labels, an, xw, yw, zw)
