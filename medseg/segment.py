@@ -230,6 +230,10 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
     volume = load(input_path, series=series)
     ref = load(reference) if reference is not None else None
     t_load = time.perf_counter() - t0
+    if dicom_outputs and volume.metadata.source_format == "dicom":
+        from medseg.io.dicom_seg import warm_up_in_background
+
+        warm_up_in_background()  # the SEG writer's tables load while the network runs
     result = segment(volume, method=method, model=model, batch_size=batch_size,
                      threads=threads, progress=progress)
     t1 = time.perf_counter()

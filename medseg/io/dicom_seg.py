@@ -36,6 +36,7 @@ import copy
 import difflib
 import io
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,10 +67,12 @@ __all__ = [
     "SourcePlane",
     "build_seg",
     "check_keep",
+    "decode_seg_frames",
     "labels_on_planes",
     "read_source_planes",
     "restrict_source_attributes",
     "verify_seg",
+    "warm_up_in_background",
     "write_seg",
 ]
 
@@ -450,25 +453,100 @@ def _segment_descriptions(method: str, model: dict[str, Any] | None) -> list[Any
     return out
 
 
+_WARM_LOCK = threading.Lock()
+_WARM_THREAD: threading.Thread | None = None
+
+
+def _load_dicom_standard() -> None:
+    """Import highdicom and load the tables of the DICOM standard it reads lazily on the
+    first SEG it builds (about 1 s of JSON parsing on a 2-core CPU). They are cached for the
+    process (``functools.lru_cache`` in ``highdicom._standard_utils``, a private module: a
+    highdicom without it only loses the head start)."""
+    try:
+        import highdicom  # noqa: F401
+        from highdicom import _standard_utils as std
+
+        std.get_sop_class_iod_map()
+        std.get_iod_module_map()
+        std.get_module_attribute_map()
+    except Exception:  # noqa: BLE001 - a warm-up only: build_seg works (slower) without it
+        return
+
+
+def warm_up_in_background() -> None:
+    """Start :func:`_load_dicom_standard` in a daemon thread, once per process, so that it
+    overlaps the network (whose torch kernels release the GIL) instead of adding to the
+    command's time. :func:`build_seg` waits for it."""
+    global _WARM_THREAD
+    with _WARM_LOCK:
+        if _WARM_THREAD is None:
+            _WARM_THREAD = threading.Thread(target=_load_dicom_standard,
+                                            name="medseg-dicom-warm-up", daemon=True)
+            _WARM_THREAD.start()
+
+
+def _wait_for_warm_up() -> None:
+    with _WARM_LOCK:
+        thread = _WARM_THREAD
+    if thread is not None:
+        thread.join()
+
+
+def decode_seg_frames(data: bytes, planes: Sequence[SourcePlane]) -> npt.NDArray[np.uint8]:
+    """Decode a BINARY SEG's bytes back to labels on ``planes`` (segment numbers, 0 where
+    no segment), from the file itself: its bit-packed frames and, per frame, the segment
+    (SegmentIdentificationSequence) and the source image and frame it was derived from
+    (DerivationImageSequence). Raises ``ValueError`` for a frame whose source is not one of
+    ``planes``, a pixel claimed by two segments, or pixel data of the wrong length.
+
+    This is medseg's read-back check (:func:`verify_seg`): it reads what a viewer reads,
+    with pydicom alone, in a fraction of highdicom's full decode (which builds lookup tables
+    for every access pattern); the tests check both decoders agree."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    n, rows, cols = int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)
+    if str(ds.SegmentationType) != "BINARY" or int(ds.BitsAllocated) != 1:
+        raise ValueError(f"not a BINARY SEG (SegmentationType {ds.SegmentationType}, "
+                         f"BitsAllocated {ds.BitsAllocated})")
+    packed = np.frombuffer(ds.PixelData, np.uint8)
+    need = n * rows * cols
+    if packed.size * 8 < need:
+        raise ValueError(f"PixelData holds {packed.size * 8} bits for {n} frames of "
+                         f"{rows} x {cols}")
+    bits = np.unpackbits(packed, bitorder="little")[:need].reshape(n, rows, cols)
+    index = {(p.sop_instance_uid, p.frame_number): k for k, p in enumerate(planes)}
+    out = np.zeros((len(planes), rows, cols), np.uint8)
+    claimed = np.zeros((len(planes), rows, cols), np.uint8)
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != n:
+        raise ValueError(f"{len(per_frame)} per-frame groups for {n} frames")
+    for i, item in enumerate(per_frame):
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        frame = source.get("ReferencedFrameNumber")
+        key = (str(source.ReferencedSOPInstanceUID),
+               int(frame) if frame is not None and planes[0].frame_number is not None
+               else None)
+        if key not in index:
+            raise ValueError(f"frame {i + 1} is derived from {key[0]}"
+                             f"{'' if key[1] is None else f' frame {key[1]}'}, not one of "
+                             "the source planes")
+        k = index[key]
+        on = bits[i].astype(bool)
+        out[k][on] = segment
+        claimed[k] += on
+    if (claimed > 1).any():
+        raise ValueError(f"{int((claimed > 1).sum())} pixel(s) belong to two segments")
+    return out
+
+
 def verify_seg(data: bytes, frames: npt.NDArray[np.uint8], planes: Sequence[SourcePlane], *,
                path: str | Path | None = None) -> None:
-    """Decode the encoded SEG ``data`` with highdicom and check it gives ``frames`` on each
-    source plane, pixel for pixel; raise :class:`OutputError` naming the first plane that
-    differs."""
-    import highdicom as hd
-
+    """Decode the encoded SEG ``data`` again (:func:`decode_seg_frames`) and check it gives
+    ``frames`` on each source plane, pixel for pixel; raise :class:`OutputError` naming the
+    first plane that differs."""
     try:
-        seg = hd.seg.segread(io.BytesIO(data))
-        uids = [p.sop_instance_uid for p in planes]
-        if planes[0].frame_number is None:
-            decoded = seg.get_pixels_by_source_instance(
-                uids, combine_segments=True, assert_missing_frames_are_empty=True,
-                dtype=np.uint8)
-        else:
-            decoded = seg.get_pixels_by_source_frame(
-                uids[0], [int(p.frame_number or 0) for p in planes], combine_segments=True,
-                assert_missing_frames_are_empty=True, dtype=np.uint8)
-    except (ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        decoded = decode_seg_frames(data, planes)
+    except (ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
         raise OutputError(f"the DICOM SEG does not decode again ({exc}); nothing written",
                           path=path) from exc
     if decoded.shape != frames.shape:
@@ -497,6 +575,7 @@ def build_seg(image: CTVolume, labels: CTVolume, *, method: str = "unet",
     (:data:`REQUIRED_PATIENT_STUDY`), plus the top-level attributes named in ``keep``
     (DICOM keywords, e.g. ``("InstitutionName", "StudyDescription")``): see
     :func:`restrict_source_attributes`."""
+    _wait_for_warm_up()  # the tables loaded (or loading) in the background: wait for them
     import highdicom as hd
 
     keep = check_keep(keep)
