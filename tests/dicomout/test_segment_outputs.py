@@ -167,14 +167,16 @@ def test_cli_no_dicom_seg(phantom: dict[str, Path], tmp_path: Path) -> None:
 
 def test_failed_read_back_writes_nothing(phantom: dict[str, Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    real = hd.seg.Segmentation.get_pixels_by_source_instance
+    import medseg.io.dicom_seg as dicom_seg
 
-    def off_by_one(self: Any, *args: Any, **kwargs: Any) -> np.ndarray:
-        pixels = real(self, *args, **kwargs).copy()
+    real = dicom_seg.decode_seg_frames
+
+    def off_by_one(*args: Any, **kwargs: Any) -> np.ndarray:
+        pixels = real(*args, **kwargs).copy()
         pixels[pixels.shape[0] // 2, 0, 0] ^= 1
         return pixels
 
-    monkeypatch.setattr(hd.seg.Segmentation, "get_pixels_by_source_instance", off_by_one)
+    monkeypatch.setattr(dicom_seg, "decode_seg_frames", off_by_one)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="read-back check failed"):
         segment_study(phantom["dicom"], out, method="threshold")
