@@ -6,15 +6,31 @@ Every writer is atomic (temporary name in the target folder, renamed when comple
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ConfigError, NotFoundError
 from medseg.io.atomic import atomic_output
-from medseg.io.dicom import DicomScan, load_dicom, scan_dicom, verify_chosen
-from medseg.io.itkformats import from_sitk, read_itk, to_sitk, write_itk
-from medseg.io.nifti import read_nifti, write_nifti
-from medseg.io.padding import correct_padding
-from medseg.volume import CTVolume
+
+if TYPE_CHECKING:
+    from medseg.io.dicom import DicomScan, scan_dicom, verify_chosen
+    from medseg.io.itkformats import from_sitk, to_sitk
+    from medseg.volume import CTVolume
+
+#: Names imported on first use (pydicom, SimpleITK and nibabel load only when a command reads
+#: or writes a volume, not for ``medseg --help`` or a batch coordinator).
+_LAZY = {"DicomScan": "medseg.io.dicom", "scan_dicom": "medseg.io.dicom",
+         "verify_chosen": "medseg.io.dicom", "from_sitk": "medseg.io.itkformats",
+         "to_sitk": "medseg.io.itkformats"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DicomScan",
@@ -60,14 +76,22 @@ def load(path: str | Path, *, series: str | None = None) -> CTVolume:
     storage and rescale, and each CT slice's values): a failed check raises a
     :class:`~medseg.errors.InputError` subclass naming the file (and slice).
     """
+    from medseg.io.padding import correct_padding
+
     fmt = detect_format(path)
     if series is not None and fmt != "dicom":
         raise ConfigError(f"--series applies to DICOM input, not {fmt.upper()}", path=path)
     if fmt == "dicom":
+        from medseg.io.dicom import load_dicom
+
         volume = load_dicom(path, series_uid=series)
     elif fmt == "nifti":
+        from medseg.io.nifti import read_nifti
+
         volume = read_nifti(path)
     else:
+        from medseg.io.itkformats import read_itk
+
         volume = read_itk(path, fmt)
     return correct_padding(volume)
 
@@ -77,8 +101,12 @@ def save(volume: CTVolume, path: str | Path) -> Path:
     p = Path(path)
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
+        from medseg.io.nifti import write_nifti
+
         return write_nifti(volume, p)
     if p.suffix.lower() in (".nrrd", ".mha"):
+        from medseg.io.itkformats import write_itk
+
         return write_itk(volume, p)
     raise ConfigError(
         f"unknown output format {p.suffix or '(no suffix)'!r}: use .nii.gz, .nii, .nrrd or .mha",

@@ -14,18 +14,39 @@ writes are pushed back as files.
 
 from __future__ import annotations
 
-from medseg.pacs.client import (
-    Credentials,
-    PacsClient,
-    PacsConfig,
-    SeriesRecord,
-    StoreResult,
-    StudyRecord,
-    load_credentials,
-    make_config,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from medseg.pacs.options import DICOMWEB_PREFIX, PacsBatchOptions, SelectionRules
-from medseg.pacs.select import Choice, choose_series
+
+if TYPE_CHECKING:
+    from medseg.pacs.client import (
+        Credentials,
+        PacsClient,
+        PacsConfig,
+        SeriesRecord,
+        StoreResult,
+        StudyRecord,
+        load_credentials,
+        make_config,
+    )
+    from medseg.pacs.select import Choice, choose_series
+
+#: Imported on first use: the HTTP stack (requests, dicomweb-client) loads only when a
+#: command talks to a server, not for ``medseg --help``.
+_LAZY = {**{n: "medseg.pacs.client" for n in (
+    "Credentials", "PacsClient", "PacsConfig", "SeriesRecord", "StoreResult", "StudyRecord",
+    "load_credentials", "make_config")}, "Choice": "medseg.pacs.select",
+    "choose_series": "medseg.pacs.select"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DICOMWEB_PREFIX",
