@@ -3,8 +3,9 @@
 The public API is listed in ``__all__``; modules whose names start with ``_`` are private.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from medseg._lazy import lazy_getattr
 from medseg._version import __version__
 from medseg.errors import (
     ConfigError,
@@ -33,16 +34,9 @@ if TYPE_CHECKING:
     from medseg.io import load, save, scan_dicom
 
 
-def __getattr__(name: str) -> Any:
-    """``load``, ``save`` and ``scan_dicom`` import the readers on first use, so that
-    ``import medseg`` (and ``medseg --help``) stays light."""
-    if name in ("load", "save", "scan_dicom"):
-        import medseg.io
-
-        value = getattr(medseg.io, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# load, save and scan_dicom import the readers on first use: ``import medseg`` (and
+# ``medseg --help``) stays light
+__getattr__ = lazy_getattr(__name__, {n: "medseg.io" for n in ("load", "save", "scan_dicom")})
 
 __all__ = [
     "CTVolume",

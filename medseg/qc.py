@@ -153,6 +153,9 @@ class _Grid:
     z_world: npt.NDArray[np.float64]     # world z (mm) of each canonical slice
     n_slices: int                        # slices of the full-resolution volume along S
     slice_step: int                      # subsampling step along S
+    #: the last component labels :func:`_big_pieces` made (working memory of one check)
+    scratch: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros((0, 0, 0),
+                                                                           np.int32))
 
     @property
     def voxel_ml(self) -> float:
@@ -214,6 +217,33 @@ def _pieces(comp: npt.NDArray[np.int32], ids: npt.NDArray[np.intp]
 
 def _box_centre_slice(box: tuple[slice, ...], piece: npt.NDArray[np.bool_]) -> int:
     return box[0].start + _centre_slice(piece)
+
+
+def _big_pieces(g: _Grid, mask: npt.NDArray[np.bool_], min_ml: float
+                ) -> list[tuple[int, float, tuple[slice, ...], npt.NDArray[np.bool_]]]:
+    """The 3D components of ``mask`` of at least ``min_ml``: (label, mL, box, the piece in
+    its box), with the label image in ``g.scratch`` for callers that need it."""
+    comp, n = _components(mask)
+    g.scratch = comp
+    if not n:
+        return []
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * g.voxel_ml
+    big = np.flatnonzero(sizes >= min_ml) + 1
+    return [(c, float(sizes[c - 1]), box, piece) for c, (box, piece) in
+            _pieces(comp, big).items()]
+
+
+@dataclass
+class _Tally:
+    """The total of the pieces a signal counts, and the largest one's slice."""
+
+    total: float = 0.0
+    worst: tuple[float, int] | None = None
+
+    def add(self, ml: float, box: tuple[slice, ...], piece: npt.NDArray[np.bool_]) -> None:
+        self.total += ml
+        if self.worst is None or ml > self.worst[0]:
+            self.worst = (ml, _box_centre_slice(box, piece))
 
 
 def quality_check(image: CTVolume, labels: CTVolume | npt.NDArray[Any]) -> QCResult:
@@ -357,23 +387,16 @@ def _aerated(g: _Grid, mask: npt.NDArray[np.bool_], body_air: npt.NDArray[np.boo
     inside = ~body_air
     aerated = (g.hu < AERATED_HU) & inside
     near = ndimage.maximum_filter(mask.view(np.uint8), 3).astype(bool)
-    comp, n = _components(aerated & ~near)
-    missed = 0.0
-    worst: tuple[float, int] | None = None
-    if n:
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * g.voxel_ml
-        big = np.flatnonzero(sizes >= MISSED_MIN_ML) + 1
-        lo, hi = PARENCHYMA_MEDIAN_HU
-        cm2 = g.spacing[1] * g.spacing[2] / 100.0
-        for c, (box, piece) in _pieces(comp, big).items():
-            m = float(np.median(g.hu[box][piece]))
-            per_slice = np.count_nonzero(piece, axis=(1, 2))
-            tubular = float(np.median(per_slice[per_slice > 0])) * cm2 < AIRWAY_MAX_CM2
-            if lo <= m <= hi and not tubular:
-                ml = float(sizes[c - 1])
-                missed += ml
-                if worst is None or ml > worst[0]:
-                    worst = (ml, _box_centre_slice(box, piece))
+    lo, hi = PARENCHYMA_MEDIAN_HU
+    cm2 = g.spacing[1] * g.spacing[2] / 100.0
+    tally = _Tally()
+    for _c, ml, box, piece in _big_pieces(g, aerated & ~near, MISSED_MIN_ML):
+        m = float(np.median(g.hu[box][piece]))
+        per_slice = np.count_nonzero(piece, axis=(1, 2))
+        tubular = float(np.median(per_slice[per_slice > 0])) * cm2 < AIRWAY_MAX_CM2
+        if lo <= m <= hi and not tubular:
+            tally.add(ml, box, piece)
+    missed, worst = tally.total, tally.worst
     signals["aerated_missed_ml"] = round(missed, 1)
     if worst is not None:
         flag(f"{missed:.0f} mL of aerated tissue that looks like lung lies outside the mask "
@@ -393,24 +416,14 @@ def _aerated(g: _Grid, mask: npt.NDArray[np.bool_], body_air: npt.NDArray[np.boo
 
 def _gas(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any], flag: Any) -> None:
     gas = mask & (g.hu < GAS_HU)
-    comp, n = _components(gas)
-    total = 0.0
-    worst: tuple[float, int] | None = None
-    if n:
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * g.voxel_ml
-        big = np.flatnonzero(sizes >= GAS_MIN_ML) + 1
-        for c, (box, piece) in _pieces(comp, big).items():
-            grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
-            sub = comp[grown] == c
-            shell = ndimage.binary_dilation(sub, np.ones((3, 3, 3), bool)) & ~gas[grown]
-            if not shell.any():
-                continue
-            wall = float(np.median(g.hu[grown][shell]))
-            if wall > WALL_MIN_HU:
-                ml = float(sizes[c - 1])
-                total += ml
-                if worst is None or ml > worst[0]:
-                    worst = (ml, _box_centre_slice(box, piece))
+    tally = _Tally()
+    for c, ml, box, piece in _big_pieces(g, gas, GAS_MIN_ML):
+        grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        sub = g.scratch[grown] == c
+        shell = ndimage.binary_dilation(sub, np.ones((3, 3, 3), bool)) & ~gas[grown]
+        if shell.any() and float(np.median(g.hu[grown][shell])) > WALL_MIN_HU:
+            tally.add(ml, box, piece)
+    total, worst = tally.total, tally.worst
     signals["gas_in_mask_ml"] = round(total, 1)
     if worst is not None:
         flag(f"{total:.0f} mL labelled lung is gas with soft-tissue walls (stomach, bowel, "
@@ -444,17 +457,10 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
         above = np.logical_or.accumulate(sub[::-1], axis=0)[::-1]
         enclosed &= below & above
         left_out[box] |= enclosed & ~mask[box] & dense[box]
-    comp, n = _components(left_out)
-    total = 0.0
-    worst: tuple[float, int] | None = None
-    if n:
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * g.voxel_ml
-        for c, (box, piece) in _pieces(comp, np.flatnonzero(sizes >= DENSE_MIN_ML) + 1
-                                       ).items():
-            ml = float(sizes[c - 1])
-            total += ml
-            if worst is None or ml > worst[0]:
-                worst = (ml, _box_centre_slice(box, piece))
+    tally = _Tally()
+    for _c, ml, box, piece in _big_pieces(g, left_out, DENSE_MIN_ML):
+        tally.add(ml, box, piece)
+    total, worst = tally.total, tally.worst
     signals["dense_left_out_ml"] = round(total, 1)
     if worst is not None:
         flag(f"{total:.0f} mL of dense tissue enclosed by the lung is left out of the mask "

@@ -19,11 +19,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "medseg"
 #: Modules ``medseg.io`` may import: the layer's base.
 IO_MAY_IMPORT = ("medseg.io", "medseg.errors", "medseg.volume", "medseg.conventions",
-                 "medseg._version")
+                 "medseg._version", "medseg._lazy")
 #: Subpackages a subpackage must never import (ARCHITECTURE.md).
 FORBIDDEN = {"batch": ("pacs", "node")}
 #: Private modules of the root package, shared by every subpackage.
-ROOT_PRIVATE = ("medseg._version", "medseg._alloc")
+ROOT_PRIVATE = ("medseg._version", "medseg._alloc", "medseg._lazy")
 
 
 def _module_name(path: Path) -> str:

@@ -6,10 +6,10 @@ Every writer is atomic (temporary name in the target folder, renamed when comple
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from medseg._lazy import lazy_getattr
 from medseg.errors import ConfigError, NotFoundError
 from medseg.io.atomic import atomic_output
 
@@ -25,12 +25,7 @@ _LAZY = {"DicomScan": "medseg.io.dicom", "scan_dicom": "medseg.io.dicom",
          "to_sitk": "medseg.io.itkformats"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = [
     "DicomScan",

@@ -14,9 +14,9 @@ writes are pushed back as files.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from medseg._lazy import lazy_getattr
 from medseg.pacs.options import DICOMWEB_PREFIX, PacsBatchOptions, SelectionRules
 
 if TYPE_CHECKING:
@@ -40,12 +40,7 @@ _LAZY = {**{n: "medseg.pacs.client" for n in (
     "choose_series": "medseg.pacs.select"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
