@@ -212,6 +212,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                      reference_dir=str(args.reference_dir) if args.reference_dir else None,
                      method=args.method, model=args.model, max_attempts=args.max_attempts,
                      threads=args.threads, show_phi=args.show_phi,
+                     reference_labels=str(args.reference_labels),
                      pacs=batch_options(args))
     return run(config, quiet=args.quiet)
 
@@ -291,6 +292,10 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per study (default: all cores in-process, cores / "
                    "workers with --workers, 1 with --scheduler)")
+    p.add_argument("--reference-labels", default="auto", metavar="SPEC",
+                   help="label convention of the references in --reference-dir (default "
+                   "auto: right=1,left=2, or lung=1 for a 0/1 mask); the grammar of 'medseg "
+                   "evaluate --ref-labels', e.g. lung=255 or cip")
     p.add_argument("--show-phi", action="store_true",
                    help="show patient name, ID and study date in the reports (hidden by "
                    "default; never used in file names)")

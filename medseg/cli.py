@@ -154,6 +154,11 @@ class _Progress:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from medseg.segment import segment_study
 
+    if args.reference is None and str(args.reference_labels) != "auto":
+        from medseg.errors import ConfigError
+
+        raise ConfigError("--reference-labels applies to --reference LABELS, and none was "
+                          "given")
     progress = _Progress("segmenting", not args.quiet)
     try:
         result = segment_study(args.input, args.out_dir, series=args.series,
@@ -161,7 +166,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, threads=args.threads,
                                progress=progress, reference=args.reference,
                                report=not args.no_report, study_id=args.study_id,
-                               show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg)
+                               show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg,
+                               reference_labels=args.reference_labels)
     except KeyboardInterrupt as exc:  # Ctrl-C: the outputs are one unit (medseg.io.atomic)
         if progress.enabled:
             print(file=sys.stderr)  # end the progress line
@@ -417,6 +423,10 @@ def _register_segment(sub: Any) -> None:
     p.add_argument("--reference", type=Path, default=None, metavar="LABELS",
                    help="reference labels on the input's grid (1 right, 2 left): the report "
                    "then holds Dice, HD95 ... against it")
+    p.add_argument("--reference-labels", type=_label_convention, default="auto",
+                   metavar="SPEC", help="label convention of --reference (default auto: "
+                   "right=1,left=2, or lung=1 for a 0/1 mask); the grammar of 'medseg "
+                   "evaluate --ref-labels', e.g. lung=255 or cip"),
     p.add_argument("--study-id", default=None,
                    help="name shown in the report (default: the input's name)")
     p.add_argument("--no-report", action="store_true",

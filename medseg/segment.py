@@ -193,10 +193,13 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                   progress: Callable[[int, int], None] | None = None,
                   reference: str | Path | None = None, report: bool = True,
                   study_id: str | None = None, show_phi: bool = False,
-                  dicom_outputs: bool = True) -> StudyResult:
+                  dicom_outputs: bool = True,
+                  reference_labels: str | Any = "auto") -> StudyResult:
     """Load ``input_path``, segment, write ``lungs.nii.gz``, ``segment.json`` and (unless
     ``report`` is false) ``report.json/.html/.csv`` in ``out_dir``; with ``reference``
-    (labels on the input's grid) the report holds validation metrics. For DICOM input
+    (labels on the input's grid, read through ``reference_labels``, the grammar of
+    :class:`medseg.evaluate.LabelConvention`: default ``auto``) the report holds validation
+    metrics. For DICOM input
     (unless ``dicom_outputs`` is false) also ``lungs.seg.dcm`` (DICOM SEG on the source
     images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
     :mod:`medseg.io.dicom_seg`.
@@ -209,11 +212,15 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     other file in ``out_dir`` is left alone. If anything fails or is interrupted before the
     swap, ``out_dir`` is as it was; what a killed run left is finished or removed by the next
     run into the folder."""
+    from medseg.evaluate.labels import LabelConvention
+
+    conv = LabelConvention.parse(reference_labels)  # a bad convention fails before any work
     with output_unit(out_dir, names=OUTPUT_NAMES, record=SUMMARY_FILENAME) as staging:
         summary, volume, result = _segment_into(
             input_path, staging, series=series, method=method, model=model,
             batch_size=batch_size, threads=threads, progress=progress, reference=reference,
-            report=report, study_id=study_id, show_phi=show_phi, dicom_outputs=dicom_outputs)
+            report=report, study_id=study_id, show_phi=show_phi, dicom_outputs=dicom_outputs,
+            reference_labels=conv)
     return StudyResult(summary=summary, volume=volume, segmentation=result,
                        out_dir=Path(out_dir))
 
@@ -222,7 +229,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                   method: str | Method, model: Any, batch_size: int, threads: int | None,
                   progress: Callable[[int, int], None] | None,
                   reference: str | Path | None, report: bool, study_id: str | None,
-                  show_phi: bool, dicom_outputs: bool
+                  show_phi: bool, dicom_outputs: bool, reference_labels: Any = "auto"
                   ) -> tuple[dict[str, Any], CTVolume, Segmentation]:
     """:func:`segment_study`'s work: every output is made (and the SEG read back) in memory,
     then written into ``staging``; returns the summary, the volume and the segmentation."""
@@ -246,7 +253,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
         report_dict = study_report(volume, result.labels, study_id=sid, method=result.method,
                                    model=result.model, reference=ref,
                                    warnings=result.warnings, show_phi=show_phi,
-                                   qc=result.qc)
+                                   qc=result.qc, reference_labels=reference_labels)
         report_files = render_study_files(report_dict, volume, result.labels)
         measurements = report_dict["measurements"]
     t_report = time.perf_counter() - t1

@@ -133,6 +133,7 @@ class BatchConfig:
     max_attempts: int = 2
     threads: int | None = None
     show_phi: bool = False
+    reference_labels: str = "auto"
     remote: Any = None
 
     def __post_init__(self) -> None:
@@ -151,6 +152,9 @@ class BatchConfig:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.method == "threshold" and self.model is not None:
             raise ValueError("model applies to method unet, not threshold")
+        from medseg.evaluate.labels import LabelConvention
+
+        LabelConvention.parse(self.reference_labels)  # ConfigError naming the bad part
         if self.remote is None and "://" in str(self.source):
             raise ValueError(f"source {self.source!r} is a URL: it needs a remote source "
                              "(for a DICOMweb server, run it as 'medseg batch dicomweb+URL' "
@@ -170,6 +174,7 @@ class StudyTask:
     threads: int | None
     show_phi: bool
     remote: Any = None  # the batch's RemoteSource (picklable), for a remote source
+    reference_labels: str = "auto"
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -263,6 +268,7 @@ def run_study(task: StudyTask) -> dict[str, Any]:
         segment = functools.partial(segment_study, out_dir=staging, method=task.method,
                                     model=model, threads=task.threads,
                                     reference=task.reference, study_id=task.study_id,
+                                    reference_labels=task.reference_labels,
                                     show_phi=task.show_phi)
         extra: dict[str, Any] = {}
         if task.remote is None:
@@ -547,6 +553,8 @@ def _resolve_model(config: BatchConfig) -> tuple[str | None, str]:
         model = {"name": loaded.spec.name, "sha256": loaded.sha256}
     fingerprint: dict[str, Any] = {"method": config.method, "model": model,
                                    "show_phi": config.show_phi}
+    if config.reference_labels != "auto":  # the reports' metrics read references otherwise
+        fingerprint["reference_labels"] = config.reference_labels
     if config.remote is not None and config.remote.pushes:  # stored back: a new result
         fingerprint["push"] = True
     params = json.dumps(fingerprint, sort_keys=True)
@@ -676,7 +684,8 @@ def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
                 task = StudyTask(study_id=s.study_id, source=s.source, reference=s.reference,
                                  staging=str(staging), method=config.method, model=run.model,
                                  threads=run.threads, show_phi=config.show_phi,
-                                 remote=run.remote)
+                                 remote=run.remote,
+                                 reference_labels=config.reference_labels)
                 in_flight[s.study_id] = task
                 executor.submit(task)
             task, res = executor.next_result()
@@ -780,7 +789,8 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                              processed=list(dict.fromkeys(processed)), skipped=skipped,
                              exhausted=exhausted, interrupted=interrupted)
         result.outputs["summary"] = write_summary(out, rows)
-        validation = write_validation(out, rows, say)
+        validation = write_validation(out, rows, say,
+                                      reference_labels=config.reference_labels)
         if validation is not None:
             result.validation = validation
             result.outputs.update({f"validation_{k}": v for k, v in

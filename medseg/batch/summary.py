@@ -103,8 +103,8 @@ def _report_metrics(folder: Path) -> dict[str, dict[str, float]] | None:
             for label, m in metrics.items()}
 
 
-def write_validation(out: Path, rows: list[StudyRow],
-                     log: Callable[[str], None]) -> Validation | None:
+def write_validation(out: Path, rows: list[StudyRow], log: Callable[[str], None], *,
+                     reference_labels: str = "auto") -> Validation | None:
     """Score the studies that have a reference and write ``out/validation/``; ``None`` when
     no study has one."""
     from medseg.evaluate import CohortAccumulator, score_label_maps
@@ -122,7 +122,8 @@ def write_validation(out: Path, rows: list[StudyRow],
             try:
                 ref = read_labels(Path(r.reference or ""))
                 metrics = score_label_maps(np.zeros(ref.shape, np.uint8), ref.array,
-                                           ref.spacing[::-1], ref_path=r.reference).metrics
+                                           ref.spacing[::-1], ref_path=r.reference,
+                                           ref_labels=reference_labels).metrics
             except MedsegError as exc:
                 log(f"{r.study_id}: not in the validation report: its reference cannot be "
                     f"used: {exc}")
