@@ -222,6 +222,12 @@ def config_from_yaml(path: str | Path) -> BatchJob:
     and invalid values are :class:`~medseg.errors.ConfigError` naming the file and the key.
     Paths in it are relative to the current directory (as in the training config). Run it
     with ``run(job.with_remote())``."""
+    return _load_job(path)[0]
+
+
+def _load_job(path: str | Path) -> tuple[BatchJob, BatchConfig]:
+    """The job of a pipeline file and the config the runner takes (its remote source made,
+    so the connection settings are checked once, naming the file)."""
     from medseg.config import from_mapping, read_yaml
 
     p = Path(path)
@@ -233,15 +239,14 @@ def config_from_yaml(path: str | Path) -> BatchJob:
         raise ConfigError("unknown key 'remote' (a DICOMweb source takes 'pacs')", path=p)
     job = from_mapping(BatchJob, data, path=p)
     try:
-        job.with_remote()  # the connection settings checked now, naming the file
+        return job, job.with_remote()
     except ConfigError as exc:
         raise ConfigError(exc.reason, path=p) from exc
-    return job
 
 
 def run_config(config: Path, *, quiet: bool = False) -> int:
     """``medseg run pipelines/batch_lung.yaml``."""
-    return run(config_from_yaml(config).with_remote(), quiet=quiet)
+    return run(_load_job(config)[1], quiet=quiet)
 
 
 def positive_int(text: str) -> int:

@@ -150,12 +150,10 @@ class _Grid:
     lab: npt.NDArray[np.uint8]
     spacing: tuple[float, float, float]  # (S, P, L) mm
     small: CTVolume                      # the subsampled volume in its own array order
+    small_lab: npt.NDArray[np.uint8]     # the labels on it, in the same order
     z_world: npt.NDArray[np.float64]     # world z (mm) of each canonical slice
     n_slices: int                        # slices of the full-resolution volume along S
     slice_step: int                      # subsampling step along S
-    #: the last component labels :func:`_big_pieces` made (working memory of one check)
-    scratch: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros((0, 0, 0),
-                                                                           np.int32))
 
     @property
     def voxel_ml(self) -> float:
@@ -179,7 +177,8 @@ def _working_grid(image: CTVolume, labels: npt.NDArray[Any]) -> _Grid:
                          geo.direction)
     small = CTVolume(np.asarray(image.array[sl]), small_geo)
     hu, sp = to_canonical(small)
-    lab, _ = to_canonical(small, np.asarray(labels[sl], np.uint8))
+    small_lab = np.asarray(labels[sl], np.uint8)
+    lab, _ = to_canonical(small, small_lab)
     # world z of each canonical slice: the centre voxel of the slice, through the geometry
     ax = image.axial_axis()
     n_small = small.shape[ax]
@@ -189,7 +188,7 @@ def _working_grid(image: CTVolume, labels: npt.NDArray[Any]) -> _Grid:
     idx[:, 2 - ax] = np.arange(n_small)
     z = small_geo.index_to_world(idx)[:, 2]
     z = np.sort(z)  # canonical axis 0 runs towards superior
-    return _Grid(hu=hu, lab=lab, spacing=sp, small=small, z_world=z,
+    return _Grid(hu=hu, lab=lab, spacing=sp, small=small, small_lab=small_lab, z_world=z,
                  n_slices=image.shape[ax], slice_step=steps[ax])
 
 
@@ -220,17 +219,17 @@ def _box_centre_slice(box: tuple[slice, ...], piece: npt.NDArray[np.bool_]) -> i
 
 
 def _big_pieces(g: _Grid, mask: npt.NDArray[np.bool_], min_ml: float
-                ) -> list[tuple[int, float, tuple[slice, ...], npt.NDArray[np.bool_]]]:
-    """The 3D components of ``mask`` of at least ``min_ml``: (label, mL, box, the piece in
-    its box), with the label image in ``g.scratch`` for callers that need it."""
+                ) -> tuple[npt.NDArray[np.int32],
+                           list[tuple[int, float, tuple[slice, ...], npt.NDArray[np.bool_]]]]:
+    """The 3D components of ``mask``, and those of at least ``min_ml`` as (label, mL, box,
+    the piece in its box)."""
     comp, n = _components(mask)
-    g.scratch = comp
     if not n:
-        return []
+        return comp, []
     sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * g.voxel_ml
     big = np.flatnonzero(sizes >= min_ml) + 1
-    return [(c, float(sizes[c - 1]), box, piece) for c, (box, piece) in
-            _pieces(comp, big).items()]
+    return comp, [(c, float(sizes[c - 1]), box, piece) for c, (box, piece) in
+                  _pieces(comp, big).items()]
 
 
 @dataclass
@@ -322,7 +321,7 @@ def _finish(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
 
 def _sides(g: _Grid, signals: dict[str, Any], flag: Any) -> None:
     small = g.small
-    from_small = _small_labels(g)
+    from_small = g.small_lab
     box = bounding_box(from_small > 0)
     if box is None:
         return
@@ -355,13 +354,6 @@ def _sides(g: _Grid, signals: dict[str, Any], flag: Any) -> None:
              "sides swapped")
 
 
-def _small_labels(g: _Grid) -> npt.NDArray[np.uint8]:
-    """The labels on the working grid in the small volume's own array order."""
-    from medseg.volume import from_canonical
-
-    return np.asarray(from_canonical(g.small, g.lab))
-
-
 def _contact(g: _Grid, signals: dict[str, Any], flag: Any) -> None:
     r, left = g.lab == LABEL_RIGHT, g.lab == LABEL_LEFT
     sp = g.spacing
@@ -390,7 +382,7 @@ def _aerated(g: _Grid, mask: npt.NDArray[np.bool_], body_air: npt.NDArray[np.boo
     lo, hi = PARENCHYMA_MEDIAN_HU
     cm2 = g.spacing[1] * g.spacing[2] / 100.0
     tally = _Tally()
-    for _c, ml, box, piece in _big_pieces(g, aerated & ~near, MISSED_MIN_ML):
+    for _c, ml, box, piece in _big_pieces(g, aerated & ~near, MISSED_MIN_ML)[1]:
         m = float(np.median(g.hu[box][piece]))
         per_slice = np.count_nonzero(piece, axis=(1, 2))
         tubular = float(np.median(per_slice[per_slice > 0])) * cm2 < AIRWAY_MAX_CM2
@@ -417,9 +409,10 @@ def _aerated(g: _Grid, mask: npt.NDArray[np.bool_], body_air: npt.NDArray[np.boo
 def _gas(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any], flag: Any) -> None:
     gas = mask & (g.hu < GAS_HU)
     tally = _Tally()
-    for c, ml, box, piece in _big_pieces(g, gas, GAS_MIN_ML):
+    comp, pieces = _big_pieces(g, gas, GAS_MIN_ML)
+    for c, ml, box, piece in pieces:
         grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
-        sub = g.scratch[grown] == c
+        sub = comp[grown] == c
         shell = ndimage.binary_dilation(sub, np.ones((3, 3, 3), bool)) & ~gas[grown]
         if shell.any() and float(np.median(g.hu[grown][shell])) > WALL_MIN_HU:
             tally.add(ml, box, piece)
@@ -458,7 +451,7 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
         enclosed &= below & above
         left_out[box] |= enclosed & ~mask[box] & dense[box]
     tally = _Tally()
-    for _c, ml, box, piece in _big_pieces(g, left_out, DENSE_MIN_ML):
+    for _c, ml, box, piece in _big_pieces(g, left_out, DENSE_MIN_ML)[1]:
         tally.add(ml, box, piece)
     total, worst = tally.total, tally.worst
     signals["dense_left_out_ml"] = round(total, 1)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from medseg.inference.threshold import BODY_MIN_HU, threshold_labels
 from medseg.io import load, save
 from medseg.io.atomic import atomic_output, output_unit
 from medseg.volume import CTVolume
+
+if TYPE_CHECKING:
+    from medseg.evaluate.labels import LabelConvention
 
 __all__ = ["OUTPUT_NAMES", "REPORT_FILENAMES", "SUMMARY_FILENAME", "Method", "Segmentation",
            "StudyResult", "check_input", "segment", "segment_study"]
@@ -194,7 +197,7 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                   reference: str | Path | None = None, report: bool = True,
                   study_id: str | None = None, show_phi: bool = False,
                   dicom_outputs: bool = True,
-                  reference_labels: str | Any = "auto") -> StudyResult:
+                  reference_labels: str | LabelConvention = "auto") -> StudyResult:
     """Load ``input_path``, segment, write ``lungs.nii.gz``, ``segment.json`` and (unless
     ``report`` is false) ``report.json/.html/.csv`` in ``out_dir``; with ``reference``
     (labels on the input's grid, read through ``reference_labels``, the grammar of
@@ -229,7 +232,8 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                   method: str | Method, model: Any, batch_size: int, threads: int | None,
                   progress: Callable[[int, int], None] | None,
                   reference: str | Path | None, report: bool, study_id: str | None,
-                  show_phi: bool, dicom_outputs: bool, reference_labels: Any = "auto"
+                  show_phi: bool, dicom_outputs: bool,
+                  reference_labels: str | LabelConvention = "auto"
                   ) -> tuple[dict[str, Any], CTVolume, Segmentation]:
     """:func:`segment_study`'s work: every output is made (and the SEG read back) in memory,
     then written into ``staging``; returns the summary, the volume and the segmentation."""

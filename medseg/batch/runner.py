@@ -656,7 +656,6 @@ class _Run:
     status: dict[str, str]
     report: Callable[[], None]
     log: Callable[[str], None]
-    remote: Any = None  # the batch's RemoteSource, for a remote source
 
 
 def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
@@ -684,7 +683,7 @@ def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
                 task = StudyTask(study_id=s.study_id, source=s.source, reference=s.reference,
                                  staging=str(staging), method=config.method, model=run.model,
                                  threads=run.threads, show_phi=config.show_phi,
-                                 remote=run.remote,
+                                 remote=config.remote,
                                  reference_labels=config.reference_labels)
                 in_flight[s.study_id] = task
                 executor.submit(task)
@@ -780,7 +779,7 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
                     executor = _InProcess()
                 try:
                     run = _Run(db=db, config=config, model=model, threads=threads, out=out,
-                               status=status, report=report, log=say, remote=remote)
+                               status=status, report=report, log=say)
                     processed = _execute(run, executor, todo)
                 finally:
                     executor.close()

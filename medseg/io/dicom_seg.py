@@ -76,7 +76,6 @@ __all__ = [
     "write_seg",
 ]
 
-#: File name ``medseg segment`` gives the SEG (``medseg.pacs`` pushes it under this name).
 #: SNOMED CT codes of the segmented structures (DICOM CID 7710 / 4031).
 RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
 LEFT_LUNG = Code("44029006", "SCT", "Left lung")

@@ -49,7 +49,6 @@ from medseg.volume import CTVolume
 
 __all__ = ["SR_FILENAME", "EncodedSR", "build_sr", "read_sr_measurements", "write_sr"]
 
-#: File name ``medseg segment`` gives the SR (``medseg.pacs`` pushes it under this name).
 LUNG = Code("39607008", "SCT", "Lung")
 #: What was reported: a CT of the chest (LOINC; DICOM CID 100 is extensible).
 CT_CHEST = Code("24627-2", "LN", "CT Chest")
