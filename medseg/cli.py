@@ -335,7 +335,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from medseg.batch_cli import run_config
 
         return run_config(args.config, quiet=args.quiet)
-    raise ConfigError(f"unknown job {job!r}; known: train, batch", path=args.config)
+    if job == "listen":
+        from medseg.node.cli import run_config as run_node_config
+
+        return run_node_config(args.config, quiet=args.quiet)
+    raise ConfigError(f"unknown job {job!r}; known: train, batch, listen", path=args.config)
 
 
 def _parse_triple(text: str, kind: type) -> tuple[Any, Any, Any]:
@@ -524,10 +528,11 @@ def _register_run(sub: Any) -> None:
         "run", help="run a job described by a pipelines/*.yaml file",
         description="Run the job a YAML config describes: its 'job' key says which ('batch': "
         "segment a folder, a manifest or a DICOMweb server, as 'medseg batch'; 'train': train "
-        "a model, as 'medseg train'), the other keys are that command's options. The file is "
+        "a model, as 'medseg train'; 'listen': run the DICOM node, as 'medseg listen'), the "
+        "other keys are that command's options. The file is "
         "read with yaml.safe_load and validated before anything runs: an unknown key or a bad "
         "value is an error naming the file. Examples: pipelines/batch_lung.yaml, "
-        "pipelines/train_lung2d_v2.yaml.")
+        "pipelines/train_lung2d_v2.yaml, pipelines/dicom_node.yaml.")
     p.add_argument("config", type=Path, help="pipeline config (YAML)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output")
     p.set_defaults(func=_cmd_run)
@@ -583,12 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
     _register_synth(sub)
     # commands with their own module
     from medseg.batch_cli import register as register_batch
+    from medseg.node.cli import register as register_listen
     from medseg.pacs.cli import register as register_pacs
     from medseg.qc_cli import register as register_qc
 
     register_qc(sub)
     register_batch(sub)
     register_pacs(sub)
+    register_listen(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +76,26 @@ def small_tmpfs(mnt: Path, size: str, why_skippable: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+#: Small phantoms: a whole chest in 24 x 64 x 64 voxels, about a second of U-Net on one core.
+PHANTOM_SHAPE = (24, 64, 64)
+PHANTOM_SPACING = (5.5, 5.5, 11.0)
+
+
+@pytest.fixture(scope="session")
+def phantom_pool(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``pool(seed)``: the folder of a phantom study (``dicom/``, ``image.nii.gz``,
+    ``labels.nii.gz``), written on first use and shared by the session: copy, never
+    modify."""
+    root = tmp_path_factory.mktemp("phantoms")
+
+    def get(seed: int) -> Path:
+        out = root / f"seed{seed}"
+        if not out.exists():
+            from medseg.synth import write_phantom_study
+
+            write_phantom_study(out, seed=seed, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+        return out
+
+    return get

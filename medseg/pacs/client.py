@@ -293,15 +293,7 @@ class PacsClient:
             sop = str(found[0].get("SOPInstanceUID", ""))
             meta = self._datasets([self._client.retrieve_instance_metadata(
                 rec.study_uid, rec.series_uid, sop)], what)[0]
-        shared = meta.get("SharedFunctionalGroupsSequence")
-        if shared:
-            group = shared[0]
-            for seq, keyword in (("PlaneOrientationSequence", "ImageOrientationPatient"),
-                                 ("PixelMeasuresSequence", "SliceThickness")):
-                inner = group.get(seq)
-                if inner and keyword not in meta and keyword in inner[0]:
-                    setattr(meta, keyword, inner[0].get(keyword))
-        full = SeriesRecord.from_dataset(meta)
+        full = SeriesRecord.from_instance(meta)
         return SeriesRecord(
             study_uid=rec.study_uid, series_uid=rec.series_uid,
             modality=rec.modality or full.modality, number=rec.number,

@@ -3,6 +3,8 @@ words for DICOM failure reasons."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +108,41 @@ class SeriesRecord:
                    pixel_spacing=floats("PixelSpacing"),
                    n_frames=first_int(ds, "NumberOfFrames"))
 
+    @classmethod
+    def from_instance(cls, ds: Dataset, *, n_instances: int | None = None) -> SeriesRecord:
+        """The record of an instance's series from the instance's own header (WADO-RS
+        metadata, or a file received by the DICOM node): an enhanced multi-frame instance
+        keeps its orientation and slice thickness in the shared functional groups."""
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared:
+            ds = copy.copy(ds)
+            group = shared[0]
+            for seq, keyword in (("PlaneOrientationSequence", "ImageOrientationPatient"),
+                                 ("PixelMeasuresSequence", "SliceThickness")):
+                inner = group.get(seq)
+                if inner and keyword not in ds and keyword in inner[0]:
+                    setattr(ds, keyword, inner[0].get(keyword))
+        rec = cls.from_dataset(ds)
+        if n_instances is not None:
+            rec = dataclasses.replace(rec, n_instances=n_instances)
+        return rec
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeriesRecord:
+        """The inverse of :meth:`to_dict`."""
+        def tup(v: Any) -> tuple[Any, ...] | None:
+            return tuple(v) if v else None
+
+        return cls(study_uid=data["study_instance_uid"],
+                   series_uid=data["series_instance_uid"], modality=data.get("modality"),
+                   number=data.get("series_number"),
+                   description=data.get("series_description"),
+                   n_instances=data.get("instances"), image_type=tup(data.get("image_type")),
+                   orientation=tup(data.get("orientation")),
+                   slice_thickness=data.get("slice_thickness_mm"),
+                   pixel_spacing=tup(data.get("pixel_spacing_mm")),
+                   n_frames=data.get("frames"))
+
     def needs_metadata(self) -> bool:
         """QIDO-RS servers need not return instance-level attributes for a series; then
         one instance's metadata is fetched."""
@@ -118,7 +155,9 @@ class SeriesRecord:
                 "series_description": self.description, "instances": self.n_instances,
                 "image_type": list(self.image_type) if self.image_type else None,
                 "orientation": list(self.orientation) if self.orientation else None,
-                "slice_thickness_mm": self.slice_thickness}
+                "slice_thickness_mm": self.slice_thickness,
+                "pixel_spacing_mm": list(self.pixel_spacing) if self.pixel_spacing else None,
+                "frames": self.n_frames}
 
 
 @dataclass

@@ -14,27 +14,6 @@ import pydicom
 import pytest
 
 from medseg.batch import BatchConfig
-from medseg.synth import write_phantom_study
-
-#: Small phantoms: a whole chest in 24 x 64 x 64 voxels, about a second of U-Net on one core.
-SHAPE = (24, 64, 64)
-SPACING = (5.5, 5.5, 11.0)
-
-
-@pytest.fixture(scope="session")
-def phantom_pool(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
-    """``pool(seed)``: the folder of a phantom study (``dicom/``, ``image.nii.gz``,
-    ``labels.nii.gz``), written on first use and shared by the session: copy, never
-    modify."""
-    root = tmp_path_factory.mktemp("phantoms")
-
-    def get(seed: int) -> Path:
-        out = root / f"seed{seed}"
-        if not out.exists():
-            write_phantom_study(out, seed=seed, shape=SHAPE, spacing=SPACING)
-        return out
-
-    return get
 
 
 @pytest.fixture
