@@ -9,6 +9,7 @@ names the destination, the file and the status. A failed send is the node's to r
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,12 +71,18 @@ def send_files(dest: Destination, files: Sequence[str | Path], *, calling_ae: st
     ae.connection_timeout = min(timeout, 15.0)
     for sop_class, syntax in sorted({(c, t) for _, c, t in metas}):
         ae.add_requested_context(sop_class, [syntax])
+    try:  # first a plain TCP connection: a clear reason when nothing answers
+        socket.create_connection((dest.host, dest.port), timeout=min(timeout, 15.0)).close()
+    except OSError as exc:
+        raise SendError(f"{dest} is not reachable: {exc.strerror or exc}") from exc
     tls = (ssl_context, dest.host) if ssl_context is not None else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
-        why = ("rejected the association" if assoc.is_rejected else
-               "aborted the association" if assoc.is_aborted else "did not answer")
-        raise SendError(f"{dest} {why} (is the node's AE title {calling_ae} known to it?)")
+        if assoc.is_rejected:
+            raise SendError(f"{dest} rejected the association (is the calling AE title "
+                            f"{calling_ae} configured there, and the called AE title right?)")
+        raise SendError(f"{dest} did not accept the association: not reachable (nothing "
+                        "listens there, a firewall) or it aborted at once")
     try:
         for path, _cls, _ts in metas:
             try:

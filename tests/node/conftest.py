@@ -153,16 +153,16 @@ class RunningNode:
 
 @pytest.fixture
 def start_node() -> Iterator[Callable[..., RunningNode]]:
-    """``start_node(out_dir, **NodeConfig keys)``: a node on a free port, serving in a
-    thread of this process (stopped at teardown)."""
+    """``start_node(out_dir, port=0, **NodeConfig keys)``: a node on ``port`` (0: a free
+    one), serving in a thread of this process (stopped at teardown)."""
     running: list[RunningNode] = []
 
-    def start(out: Path, **kwargs: Any) -> RunningNode:
+    def start(out: Path, *, port: int = 0, **kwargs: Any) -> RunningNode:
         kwargs.setdefault("allow", ["SENDER"])
         kwargs.setdefault("quiet_time", QUIET)
         kwargs.setdefault("threads", 1)
         logs: list[str] = []
-        node = Node(NodeConfig(out_dir=str(out), port=0, host="127.0.0.1", **kwargs),
+        node = Node(NodeConfig(out_dir=str(out), port=port, host="127.0.0.1", **kwargs),
                     log=logs.append)
         node.start()
         stop = threading.Event()
