@@ -77,7 +77,9 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _start(root: Path) -> Iterator[Orthanc]:
+def _start(root: Path, extra: dict[str, object] | None = None) -> Iterator[Orthanc]:
+    """Start an Orthanc in ``root``; ``extra`` is merged into its JSON configuration (e.g.
+    ``DicomServerEnabled``, ``DicomPort``, ``DicomModalities`` for a DICOM-enabled one)."""
     if not ORTHANC.is_file() or not DICOMWEB_PLUGIN.exists():
         _skip_or_fail(f"Orthanc or its DICOMweb plugin is not installed ({ORTHANC}, "
                       f"{DICOMWEB_PLUGIN}); apt-get install orthanc orthanc-dicomweb")
@@ -100,6 +102,7 @@ def _start(root: Path) -> Iterator[Orthanc]:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False,
                      "Host": f"127.0.0.1:{port}", "Ssl": False},
     }
+    config.update(extra or {})
     cfg = root / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=2))
     os.chmod(cfg, 0o600)
