@@ -69,6 +69,8 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",      # RLE Lossless
 )
 VERIFICATION = "1.2.840.10008.1.1"
+#: Seconds a connecting sender has to complete the TLS handshake.
+TLS_HANDSHAKE_S = 30.0
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -263,10 +265,32 @@ class StorageSCP:
         from pynetdicom.transport import ThreadedAssociationServer
 
         allowed = self.allow_addresses
+        tls = self.ssl_context
+        log = self.log
 
         class Server(ThreadedAssociationServer):
+            """pynetdicom's server, with the address check, and the TLS handshake made in
+            the connection's own thread: pynetdicom makes it in the accepting thread, where
+            one silent client would block every other sender."""
+
             def verify_request(self, request: Any, client_address: Any) -> bool:
                 return not allowed or str(client_address[0]) in allowed
+
+            def get_request(self) -> Any:
+                assert self.socket is not None
+                return self.socket.accept()
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                if tls is not None:
+                    try:
+                        request.settimeout(TLS_HANDSHAKE_S)
+                        request = tls.wrap_socket(request, server_side=True)
+                        request.settimeout(None)
+                    except (OSError, ssl.SSLError) as exc:
+                        log(f"TLS handshake with {client_address[0]} failed: {exc}")
+                        request.close()
+                        return
+                super().process_request_thread(request, client_address)
 
         handlers = [(evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_released),

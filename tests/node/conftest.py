@@ -129,7 +129,7 @@ class RunningNode:
     stop: threading.Event
     thread: threading.Thread
     logs: list[str]
-    error: list[BaseException]
+    error: list[Exception]
 
     @property
     def port(self) -> int:
@@ -166,12 +166,12 @@ def start_node() -> Iterator[Callable[..., RunningNode]]:
                     log=logs.append)
         node.start()
         stop = threading.Event()
-        error: list[BaseException] = []
+        error: list[Exception] = []
 
         def serve() -> None:
             try:
                 node.serve_forever(stop)
-            except BaseException as exc:  # reported by close()
+            except Exception as exc:  # noqa: BLE001 - reported by close()
                 error.append(exc)
             finally:
                 node.close()
