@@ -221,3 +221,43 @@ def test_tls_listener_accepts_tls_and_refuses_plain(
     wait_for("the failed handshake logged",
              lambda: any("TLS handshake" in m and "failed" in m for m in node.logs))
     node.close()
+
+
+_SENDER = """
+import sys, time
+from pathlib import Path
+from pynetdicom import AE
+ae = AE(ae_title="SENDER")
+ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="MEDSEG")
+assert assoc.is_established
+for f in sorted(Path(sys.argv[2]).glob("*.dcm")):
+    assoc.send_c_store(f)
+    time.sleep(0.2)
+assoc.release()
+"""
+
+
+def test_sender_killed_mid_series_leaves_it_incomplete(
+        tmp_path: Path, start_node: Callable[..., RunningNode],
+        phantom_series: Callable[..., Path]) -> None:
+    """A sender process killed (SIGKILL: no release, no A-ABORT, the TCP connection just
+    drops) after a few instances: the series is never processed as complete."""
+    node = start_node(tmp_path / "out")
+    src = phantom_series(1)
+    study_uid, series_uid = uids(src)
+    proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(node.port), str(src)])
+    try:
+        wait_for("a few instances received",
+                 lambda: len(list((node.out / ".spool").rglob("*.dcm"))) >= 4, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    wait_for("the series marked incomplete",
+             lambda: node.series()[series_uid].status == "incomplete", timeout=30)
+    time.sleep(2.0)  # well past the quiet time
+    row = node.series()[series_uid]
+    assert row.status == "incomplete" and "connection lost" in (row.reason or "")
+    assert not _rows(node.out)
+    assert not (node.out / sanitize_id(study_uid)).exists()
+    node.close()
