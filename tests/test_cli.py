@@ -39,7 +39,8 @@ def _subcommands() -> list[str]:
 
 def test_every_subcommand_is_tested_for_help() -> None:
     assert set(_subcommands()) >= {"info", "convert", "segment", "evaluate", "train",
-                                   "validate-model", "run", "synth", "qc", "batch", "pacs"}
+                                   "validate-model", "run", "synth", "qc", "batch", "pacs",
+                                   "listen"}
 
 
 @pytest.mark.parametrize("cmd", [[], *([c] for c in _subcommands())])

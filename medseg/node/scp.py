@@ -203,16 +203,19 @@ class StorageSCP:
             return 0xC000
         folder = Path(safe_uid(study_uid)) / safe_uid(series_uid)
         target = self.spool / folder / f"{safe_uid(sop_uid)}.dcm"
-        try:
-            with atomic_output(target) as tmp:
-                tmp.write_bytes(event.encoded_dataset())
-        except OutputError as exc:
-            self.log(f"{calling}: instance {sop_uid}: refused (0xA700, out of resources): "
-                     f"{exc.reason}")
-            return 0xA700
-        self._transfers.add(assoc, series_uid)
-        self.state.received(series_uid=series_uid, study_uid=study_uid, folder=str(folder),
-                            record=record, calling_ae=calling, now=time.time())
+        data = event.encoded_dataset()
+        with self.state.lock:  # the series cannot be settled between the write and the record
+            try:
+                with atomic_output(target) as tmp:
+                    tmp.write_bytes(data)
+            except OutputError as exc:
+                self.log(f"{calling}: instance {sop_uid}: refused (0xA700, out of resources): "
+                         f"{exc.reason}")
+                return 0xA700
+            self._transfers.add(assoc, series_uid)
+            self.state.received(series_uid=series_uid, study_uid=study_uid,
+                                folder=str(folder), record=record, calling_ae=calling,
+                                now=time.time())
         return 0x0000
 
     def _on_released(self, event: Any) -> None:

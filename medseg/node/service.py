@@ -65,6 +65,8 @@ __all__ = ["SOURCE_PREFIX", "Node", "NodeConfig", "NodeSource", "run_node"]
 #: Sources of node studies in ``batch.sqlite``: ``dicom-node:<study>/<series>#<digest>``.
 SOURCE_PREFIX = "dicom-node:"
 LOCK_NAME = "node.lock"
+#: Inside the spool: series folders being deleted.
+TRASH_NAME = ".trash"
 #: Seconds between two looks at the spool.
 POLL_S = 0.5
 #: First retry of a failed send or of a study the machine failed, doubling up to the cap.
@@ -236,6 +238,7 @@ class Node:
                          f"stopped: incomplete until sent again ({', '.join(incomplete)})")
             if remove_partials(self.spool):
                 self.log("removed partly written instances of the last run from the spool")
+            shutil.rmtree(self.spool / TRASH_NAME, ignore_errors=True)
             if cfg.method == "unet":  # load once, now: an unknown model fails at start
                 from medseg.models import DEFAULT_MODEL
 
@@ -294,17 +297,22 @@ class Node:
         state = self.state
         assert state is not None
         for row in state.expired(now, self.config.incomplete_timeout):
-            self._drop_spool(row)
-            state.set_status(row.series_uid, "discarded",
-                             f"incomplete for {self.config.incomplete_timeout:g} s and not "
-                             f"sent again ({row.reason or 'aborted'}): discarded")
-            self.log(f"series {row.series_uid}: discarded, incomplete and not sent again")
+            if self._settle(row, "discarded",
+                            f"incomplete for {self.config.incomplete_timeout:g} s and not "
+                            f"sent again ({row.reason or 'aborted'}): discarded"):
+                self.log(f"series {row.series_uid}: discarded, incomplete and not sent again")
 
     def _drop_spool(self, row: SeriesRow) -> None:
+        """Move the series' spool folder away (atomic, under the state's lock), then
+        delete it."""
         folder = self.spool / row.folder
-        shutil.rmtree(folder, ignore_errors=True)
+        trash = self.spool / TRASH_NAME / f"{row.series_uid}-{time.monotonic_ns()}"
+        with contextlib.suppress(FileNotFoundError):
+            trash.parent.mkdir(exist_ok=True)
+            os.replace(folder, trash)
         with contextlib.suppress(OSError):
             folder.parent.rmdir()  # the study's folder, once empty
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _select(self, now: float) -> tuple[list[StudySpec], dict[str, str],
                                            dict[str, SeriesRow]]:
@@ -356,19 +364,35 @@ class Node:
             digest = series_digest(folder)
             study_id = sanitize_id(study_uid)
             source = f"{SOURCE_PREFIX}{study_uid}/{best.series_uid}#{digest[:16]}"
-            state.set_status(best.series_uid, "processing", choice.reason, digest=digest,
-                             study_id=study_id)
+            with state.lock:
+                if state.series(best.series_uid) != best:
+                    continue  # an instance arrived meanwhile: next pass
+                state.set_status(best.series_uid, "processing", choice.reason, digest=digest,
+                                 study_id=study_id)
+                processing = state.series(best.series_uid)
+            assert processing is not None
             specs.append(StudySpec(study_id=study_id, source=source, name=study_uid))
             folders[source] = best.folder
-            chosen[study_id] = best
+            chosen[study_id] = processing
             self.log(f"study {study_uid}: segmenting series {best.series_uid} "
                      f"({best.instances} instances; {choice.reason})")
         return specs, folders, chosen
 
-    def _settle(self, row: SeriesRow, status: str, reason: str) -> None:
-        assert self.state is not None
-        self._drop_spool(row)
-        self.state.set_status(row.series_uid, status, reason)
+    def _settle(self, row: SeriesRow, status: str, reason: str) -> bool:
+        """Give a series its final status and remove its spool, unless an instance of it
+        arrived since ``row`` was read: then it is left receiving, to be looked at again
+        once quiet (False)."""
+        state = self.state
+        assert state is not None
+        with state.lock:
+            now = state.series(row.series_uid)
+            if now is None or now.last_at != row.last_at or now.status != row.status:
+                self.log(f"series {row.series_uid}: more instances arrived meanwhile: "
+                         "looking at it again once quiet")
+                return False
+            self._drop_spool(row)
+            state.set_status(row.series_uid, status, reason)
+        return True
 
     def _segment(self, specs: list[StudySpec], folders: dict[str, str],
                  chosen: dict[str, SeriesRow]) -> None:
@@ -399,16 +423,20 @@ class Node:
                     qc = row_b.result.get("qc_verdict") or "-"
                     self.log(f"study {series.study_uid}: done in {row_b.seconds or 0:.1f} s "
                              f"(quality check: {qc})")
-                    if self.destination is not None:
-                        files = [str(self.out / row_b.study_id / n)
-                                 for n in (SEG_FILENAME, SR_FILENAME)]
-                        state.queue_send(row_b.study_id, series.study_uid, files,
-                                         str(self.destination), now)
                     reason = "segmented"
                 else:
                     self.log(f"study {series.study_uid}: series {series.series_uid} unchanged "
                              "since it was segmented: not segmented again")
                     reason = "segmented before; received again unchanged"
+                sent = state.send_of(row_b.study_id)
+                # also when skipped: a node killed after the study was recorded done and
+                # before its send was queued owes the send
+                if self.destination is not None and (sent is None or
+                                                     sent.source != row_b.source):
+                    files = [str(self.out / row_b.study_id / n)
+                             for n in (SEG_FILENAME, SR_FILENAME)]
+                    state.queue_send(row_b.study_id, series.study_uid, row_b.source, files,
+                                     str(self.destination), now)
                 self._settle(series, "done", reason)
             elif row_b.error_kind == "machine" and row_b.attempts < cfg.max_attempts:
                 tries = self._machine_tries[row_b.study_id] = \

@@ -77,6 +77,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
 CREATE TABLE IF NOT EXISTS sends (
     study_id    TEXT PRIMARY KEY,
     study_uid   TEXT NOT NULL,
+    source      TEXT NOT NULL,
     files       TEXT NOT NULL,
     destination TEXT NOT NULL,
     status      TEXT NOT NULL CHECK (status IN ('pending', 'sent')),
@@ -115,6 +116,7 @@ class SendRow:
 
     study_id: str
     study_uid: str
+    source: str
     files: list[str]
     destination: str
     status: str
@@ -129,7 +131,10 @@ class NodeState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.RLock()
+        #: Held while an instance is written to the spool and recorded, and while a series'
+        #: spool is moved away: a series is never settled while an instance of it lands.
+        self.lock = threading.RLock()
+        self._lock = self.lock
         try:
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                         check_same_thread=False)
@@ -290,14 +295,21 @@ class NodeState:
 
     # -- sends -------------------------------------------------------------------------
 
-    def queue_send(self, study_id: str, study_uid: str, files: list[str], destination: str,
-                   now: float) -> None:
-        """Owe the destination these files (replacing an older send of the study)."""
+    def queue_send(self, study_id: str, study_uid: str, source: str, files: list[str],
+                   destination: str, now: float) -> None:
+        """Owe the destination the results of ``source`` (the batch source: the series and
+        its digest), replacing an older send of the study."""
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO sends (study_id, study_uid, files, destination, "
-                      "status, attempts, last_error, next_try, sent_at) "
-                      "VALUES (?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)",
-                      (study_id, study_uid, json.dumps(files), destination, now))
+            c.execute("INSERT OR REPLACE INTO sends (study_id, study_uid, source, files, "
+                      "destination, status, attempts, last_error, next_try, sent_at) "
+                      "VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)",
+                      (study_id, study_uid, source, json.dumps(files), destination, now))
+
+    def send_of(self, study_id: str) -> SendRow | None:
+        with self._lock:
+            row = self.conn.execute("SELECT * FROM sends WHERE study_id = ?",
+                                    (study_id,)).fetchone()
+        return None if row is None else _send_row(row)
 
     def due_sends(self, now: float) -> list[SendRow]:
         with self._lock:

@@ -306,3 +306,74 @@ def test_batch_state_and_summary_hold_node_studies(tmp_path: Path,
     assert len({r.model_loads for r in rows}) == 1  # the model was not loaded again
     summary = (tmp_path / "out" / "summary.csv").read_text()
     assert all(r.study_id in summary for r in rows)
+
+
+def test_send_owed_by_a_node_stopped_before_queueing_it_is_made(
+        tmp_path: Path, start_node: Callable[..., RunningNode], receiver: Receiver,
+        phantom_series: Callable[..., Path]) -> None:
+    """A study recorded done whose send was never queued (the node was killed in between):
+    when its series comes again, unchanged, it is not segmented again but sent."""
+    node = start_node(tmp_path / "out", send_to=f"DEST@127.0.0.1:{receiver.port}")
+    src = phantom_series(1)
+    study_uid, series_uid = uids(src)
+    send_series(node.port, src)
+    wait_for("the first results", lambda: len(receiver.received) >= 2)
+    first = _batch_row(node.out, study_uid)
+    state = node.node.state
+    assert state is not None
+    wait_for("the send recorded", lambda: [s.status for s in state.sends()] == ["sent"])
+    with state.lock:
+        state.conn.execute("DELETE FROM sends")
+    send_series(node.port, src)
+    wait_for("the owed send", lambda: len(receiver.received) >= 4)
+    assert _batch_row(node.out, study_uid) == first  # not segmented again
+    assert node.series()[series_uid].status == "done"
+    node.close()
+
+
+def test_expired_incomplete_series_is_discarded(
+        tmp_path: Path, start_node: Callable[..., RunningNode],
+        phantom_series: Callable[..., Path]) -> None:
+    node = start_node(tmp_path / "out", incomplete_timeout=1.0)
+    src = phantom_series(1)
+    series_uid = uids(src)[1]
+    send_series(node.port, src, abort_after=5)
+    wait_for("the series discarded",
+             lambda: node.series().get(series_uid) is not None and
+             node.series()[series_uid].status == "discarded", timeout=30)
+    assert "discarded" in (node.series()[series_uid].reason or "")
+    assert _spooled(node.out) == []
+    node.close()
+
+
+def test_port_in_use_and_second_node_on_a_folder_are_clear_errors(
+        tmp_path: Path, start_node: Callable[..., RunningNode]) -> None:
+    from medseg.errors import OutputError
+    from medseg.node.service import Node
+
+    node = start_node(tmp_path / "out")
+    busy = Node(NodeConfig(out_dir=str(tmp_path / "other"), port=node.port, host="127.0.0.1",
+                           allow=["SENDER"], method="threshold"))
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{node.port}"):
+        busy.start()
+    same = Node(NodeConfig(out_dir=str(tmp_path / "out"), port=0, host="127.0.0.1",
+                           allow=["SENDER"], method="threshold"))
+    with pytest.raises(OutputError, match="another 'medseg listen'"):
+        same.start()
+    node.close()
+
+
+def test_command_line_errors_name_the_problem(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg.cli import main
+
+    assert main(["listen", "-o", str(tmp_path / "out")]) == 1
+    assert "--allow" in capsys.readouterr().err
+    config = tmp_path / "node.yaml"
+    config.write_text("job: listen\nout_dir: out\nallow: [ORTHANC]\nsend_too: X@h:1\n")
+    assert main(["run", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert str(config) in err and "send_too" in err and "send_to" in err
+    with pytest.raises(SystemExit):
+        main(["listen", "-o", "x", "--port", "70000", "--allow-any"])
+    assert "0-65535" in capsys.readouterr().err
