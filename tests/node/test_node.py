@@ -81,6 +81,9 @@ def test_series_is_segmented_and_results_sent(tmp_path: Path, start_node: Callab
     summary = (node.out / "summary.csv").read_text()
     assert sanitize_id(study_uid) in summary
     node.close()
+    header = pydicom.dcmread(series_files(src)[0], stop_before_pixels=True)
+    phi = [str(v) for v in (header.get("PatientName"), header.get("PatientID")) if v]
+    assert phi and not [m for m in node.logs for v in phi if v in m]  # never in the logs
 
 
 def test_unknown_calling_or_called_ae_title_is_rejected(tmp_path: Path,
