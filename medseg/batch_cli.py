@@ -27,6 +27,7 @@ from medseg.batch.state import ERROR_KINDS, StudyRow
 from medseg.conventions import METHODS, Method
 from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_MODEL
+from medseg.inference.device import DEVICE_HELP, device_argument
 from medseg.pacs.cli import add_batch_arguments, batch_options
 from medseg.pacs.options import PacsBatchOptions, is_dicomweb_source
 
@@ -212,7 +213,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                      reference_dir=str(args.reference_dir) if args.reference_dir else None,
                      method=args.method, model=args.model, max_attempts=args.max_attempts,
                      threads=args.threads, show_phi=args.show_phi,
-                     reference_labels=str(args.reference_labels),
+                     reference_labels=str(args.reference_labels), device=args.device,
                      pacs=batch_options(args))
     return run(config, quiet=args.quiet)
 
@@ -297,6 +298,7 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per study (default: all cores in-process, cores / "
                    "workers with --workers, 1 with --scheduler)")
+    p.add_argument("--device", type=device_argument, default="cpu", help=DEVICE_HELP)
     p.add_argument("--reference-labels", default="auto", metavar="SPEC",
                    help="label convention of the references in --reference-dir (default "
                    "auto: right=1,left=2, or lung=1 for a 0/1 mask); the grammar of 'medseg "

@@ -18,6 +18,7 @@ from medseg._version import __version__
 from medseg.conventions import METHODS, Method
 from medseg.errors import MedsegError
 from medseg.inference import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
+from medseg.inference.device import DEVICE_HELP, device_argument
 
 __all__ = ["build_parser", "main"]
 
@@ -167,7 +168,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                progress=progress, reference=args.reference,
                                report=not args.no_report, study_id=args.study_id,
                                show_phi=args.show_phi, dicom_outputs=not args.no_dicom_seg,
-                               reference_labels=args.reference_labels)
+                               reference_labels=args.reference_labels, device=args.device)
     except KeyboardInterrupt as exc:  # Ctrl-C: the outputs are one unit (medseg.io.atomic)
         if progress.enabled:
             print(file=sys.stderr)  # end the progress line
@@ -188,7 +189,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from medseg.train import load_train_config, train
 
-    cfg = load_train_config(args.config, output_dir=args.output_dir, max_minutes=args.max_minutes)
+    cfg = load_train_config(args.config, output_dir=args.output_dir, max_minutes=args.max_minutes,
+                            device=args.device)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     card = train(cfg, log=log)
     if not args.quiet:
@@ -278,6 +280,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         from medseg.train.robustness import run_robustness
 
         rob = run_robustness(shared, model=args.model, out_dir=args.output_dir,
+                             device=args.device,
                              log=None if args.json else
                              (lambda m: print(f"  {m}", file=sys.stderr)))
     if args.suite == "robustness":
@@ -285,7 +288,7 @@ def _cmd_validate_model(args: argparse.Namespace) -> int:
         _print_robustness(rob, args.json)
         return EXIT_OK
     res = validate_on_cip(shared, method=args.method, model=args.model,
-                          val_fraction=args.val_fraction)
+                          val_fraction=args.val_fraction, device=args.device)
     if args.json:
         from medseg.evaluate import to_jsonable
 
@@ -330,7 +333,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     job = read_yaml(args.config).get("job")
     if job == "train":
         return _cmd_train(argparse.Namespace(config=args.config, output_dir=None,
-                                             max_minutes=None, quiet=args.quiet))
+                                             max_minutes=None, device=None, quiet=args.quiet))
     if job == "batch":
         from medseg.batch_cli import run_config
 
@@ -424,6 +427,7 @@ def _register_segment(sub: Any) -> None:
                    "measured on a 2-core CPU; see docs/benchmarks.md)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for the network (default: torch's choice)")
+    p.add_argument("--device", type=device_argument, default="cpu", help=DEVICE_HELP)
     p.add_argument("--reference", type=Path, default=None, metavar="LABELS",
                    help="reference labels on the input's grid (1 right, 2 left): the report "
                    "then holds Dice, HD95 ... against it")
@@ -491,6 +495,8 @@ def _register_train(sub: Any) -> None:
     p.add_argument("config", type=Path, help="training config (YAML)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--max-minutes", type=float, default=None, help="override max_minutes")
+    p.add_argument("--device", type=device_argument, default=None,
+                   help="override device (the config's, default cpu): " + DEVICE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch log")
     p.set_defaults(func=_cmd_train)
 
@@ -519,6 +525,7 @@ def _register_validate_model(sub: Any) -> None:
     p.add_argument("-o", "--output-dir", type=Path, default=None,
                    help="robustness: write robustness.json, robustness.md and overlay PNGs "
                    "here")
+    p.add_argument("--device", type=device_argument, default="cpu", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_validate_model)
 

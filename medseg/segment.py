@@ -119,10 +119,11 @@ def check_input(volume: CTVolume) -> list[str]:
 def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any = None,
             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
             progress: Callable[[int, int], None] | None = None,
-            qc: bool = True) -> Segmentation:
+            qc: bool = True, device: str = "cpu") -> Segmentation:
     """Segment the lungs of ``volume``; labels come back on its exact grid. With ``qc``
     (default) the mask's quality verdict (:func:`medseg.qc.quality_check`) is in
-    ``.qc``."""
+    ``.qc``. ``device``: ``cpu`` (default), ``auto``, ``cuda`` or ``cuda:N`` for the
+    network (:mod:`medseg.inference.device`)."""
     try:
         method = Method(method)
     except ValueError as exc:
@@ -140,7 +141,10 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
 
         loaded = model if model is not None and not isinstance(model, (str, Path)) \
             else load_model(model or DEFAULT_MODEL)
-        settings = InferenceSettings(batch_size=batch_size, threads=threads)
+        from medseg.inference.device import resolve_device
+
+        settings = InferenceSettings(batch_size=batch_size, threads=threads,
+                                     device=resolve_device(device))
         raw = unet_labels(volume, loaded, settings, progress=progress)
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
@@ -148,7 +152,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                                     geometry=volume.geometry)
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
-                      "architecture": loaded.spec.to_dict()}
+                      "architecture": loaded.spec.to_dict(), "device": settings.device}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)
     meta = volume.metadata.copy()
     meta.warnings = []
@@ -197,14 +201,15 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                   reference: str | Path | None = None, report: bool = True,
                   study_id: str | None = None, show_phi: bool = False,
                   dicom_outputs: bool = True,
-                  reference_labels: str | LabelConvention = "auto") -> StudyResult:
+                  reference_labels: str | LabelConvention = "auto",
+                  device: str = "cpu") -> StudyResult:
     """Load ``input_path``, segment, write ``lungs.nii.gz``, ``segment.json`` and (unless
     ``report`` is false) ``report.json/.html/.csv`` in ``out_dir``; with ``reference``
     (labels on the input's grid, read through ``reference_labels``, the grammar of
     :class:`medseg.evaluate.LabelConvention`: default ``auto``) the report holds validation
-    metrics. For DICOM input
-    (unless ``dicom_outputs`` is false) also ``lungs.seg.dcm`` (DICOM SEG on the source
-    images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
+    metrics. ``device`` runs the network on the CPU (default) or a GPU (see :func:`segment`).
+    For DICOM input (unless ``dicom_outputs`` is false) also ``lungs.seg.dcm`` (DICOM SEG
+    on the source images' planes) and ``lungs.sr.dcm`` (TID 1500 measurement report); see
     :mod:`medseg.io.dicom_seg`.
 
     The outputs are one unit (:func:`medseg.io.atomic.output_unit`): ``out_dir`` is locked
@@ -216,14 +221,16 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
     swap, ``out_dir`` is as it was; what a killed run left is finished or removed by the next
     run into the folder."""
     from medseg.evaluate.labels import LabelConvention
+    from medseg.inference.device import resolve_device
 
     conv = LabelConvention.parse(reference_labels)  # a bad convention fails before any work
+    device = resolve_device(device)  # so does a GPU that is not there
     with output_unit(out_dir, names=OUTPUT_NAMES, record=SUMMARY_FILENAME) as staging:
         summary, volume, result = _segment_into(
             input_path, staging, series=series, method=method, model=model,
             batch_size=batch_size, threads=threads, progress=progress, reference=reference,
             report=report, study_id=study_id, show_phi=show_phi, dicom_outputs=dicom_outputs,
-            reference_labels=conv)
+            reference_labels=conv, device=device)
     return StudyResult(summary=summary, volume=volume, segmentation=result,
                        out_dir=Path(out_dir))
 
@@ -233,7 +240,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                   progress: Callable[[int, int], None] | None,
                   reference: str | Path | None, report: bool, study_id: str | None,
                   show_phi: bool, dicom_outputs: bool,
-                  reference_labels: str | LabelConvention = "auto"
+                  reference_labels: str | LabelConvention = "auto", device: str = "cpu"
                   ) -> tuple[dict[str, Any], CTVolume, Segmentation]:
     """:func:`segment_study`'s work: every output is made (and the SEG read back) in memory,
     then written into ``staging``; returns the summary, the volume and the segmentation."""
@@ -246,7 +253,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
 
         warm_up_in_background()  # the SEG writer's tables load while the network runs
     result = segment(volume, method=method, model=model, batch_size=batch_size,
-                     threads=threads, progress=progress)
+                     threads=threads, progress=progress, device=device)
     t1 = time.perf_counter()
     report_files: dict[str, str] = {}
     measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR

@@ -121,6 +121,9 @@ class BatchConfig:
     that finds, fetches and (optionally) stores back its studies, e.g. a DICOMweb server
     (:func:`medseg.pacs.batch.make_job`; ``medseg batch dicomweb+URL`` makes it). batch
     never imports the packages that provide remote sources: they use batch's public API.
+    ``device``: where the network runs (``cpu``, ``auto``, ``cuda``, ``cuda:N``; with
+    several GPUs, local Dask worker N takes GPU N modulo their count); not part of a
+    study's parameters (a study done on the CPU is not redone on a GPU).
     """
 
     source: str
@@ -135,6 +138,7 @@ class BatchConfig:
     show_phi: bool = False
     reference_labels: str = "auto"
     remote: Any = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         # ValueError: from_mapping turns it into a ConfigError naming the pipeline file.
@@ -155,6 +159,12 @@ class BatchConfig:
         from medseg.evaluate.labels import LabelConvention
 
         LabelConvention.parse(self.reference_labels)  # ConfigError naming the bad part
+        from medseg.inference.device import device_argument
+
+        try:
+            device_argument(self.device)
+        except Exception as exc:  # argparse.ArgumentTypeError
+            raise ValueError(f"device {exc}") from exc
         if self.remote is None and "://" in str(self.source):
             raise ValueError(f"source {self.source!r} is a URL: it needs a remote source "
                              "(for a DICOMweb server, run it as 'medseg batch dicomweb+URL' "
@@ -175,6 +185,7 @@ class StudyTask:
     show_phi: bool
     remote: Any = None  # the batch's RemoteSource (picklable), for a remote source
     reference_labels: str = "auto"
+    device: str = "cpu"
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -204,6 +215,22 @@ def worker_model(name: str) -> Any:
 def model_loads() -> int:
     """How many models this process has loaded (tests check it stays at one)."""
     return _MODEL_LOADS
+
+
+def _worker_device(device: str) -> str:
+    """The device of this worker process: with several GPUs, a Dask worker named N (a
+    local cluster's) pins GPU N modulo their count."""
+    if device == "cpu":
+        return device
+    from medseg.inference.device import worker_device
+
+    index = None
+    with contextlib.suppress(ImportError, ValueError):
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else None
+    return worker_device(device, index)
 
 
 def _worker_name() -> str:
@@ -267,6 +294,7 @@ def run_study(task: StudyTask) -> dict[str, Any]:
         model = worker_model(task.model) if task.method == "unet" and task.model else None
         segment = functools.partial(segment_study, out_dir=staging, method=task.method,
                                     model=model, threads=task.threads,
+                                    device=_worker_device(task.device),
                                     reference=task.reference, study_id=task.study_id,
                                     reference_labels=task.reference_labels,
                                     show_phi=task.show_phi)
@@ -684,7 +712,8 @@ def _execute(run: _Run, executor: Any, todo: list[StudySpec]) -> list[str]:
                                  staging=str(staging), method=config.method, model=run.model,
                                  threads=run.threads, show_phi=config.show_phi,
                                  remote=config.remote,
-                                 reference_labels=config.reference_labels)
+                                 reference_labels=config.reference_labels,
+                                 device=config.device)
                 in_flight[s.study_id] = task
                 executor.submit(task)
             task, res = executor.next_result()
@@ -739,6 +768,10 @@ def run_batch(config: BatchConfig, *, progress: Callable[[Progress], None] | Non
         else:
             studies = discover_studies(config.source, reference_dir=config.reference_dir,
                                        exclude=out)
+        if not config.scheduler:  # this machine's workers: a GPU that is not here fails now
+            from medseg.inference.device import resolve_device
+
+            resolve_device(config.device)
         model, params = _resolve_model(config)
         with StateDB(out / STATE_NAME) as db:
             interrupted = db.recover_interrupted()

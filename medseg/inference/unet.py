@@ -49,6 +49,9 @@ class InferenceSettings:
     overlap: float = WINDOW_OVERLAP
     #: MONAI's blending of overlapping windows: "gaussian" (default) or "constant".
     blend_mode: str = "gaussian"
+    #: torch device of the network: "cpu" (default), "cuda" or "cuda:N" (resolved, see
+    #: :mod:`medseg.inference.device`); stitching stays on the CPU.
+    device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -60,6 +63,15 @@ def _argmax3(p_right: torch.Tensor, p_left: torch.Tensor) -> torch.Tensor:
     best = torch.maximum(p_bg, p_right)
     lab[p_left > best] = 2
     return lab
+
+
+def _on_device(model: LoadedModel, device: str) -> torch.nn.Module:
+    """The model's network on ``device`` (moved there in place: a process uses one
+    device, so the move happens once)."""
+    first = next(model.network.parameters(), None)
+    if first is not None and first.device != torch.device(device):
+        model.network.to(torch.device(device))
+    return model.network
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
@@ -79,10 +91,14 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     labels_oriented = torch.zeros(tuple(oriented.shape[1:]), dtype=torch.uint8)
     pre = slab_transform(pixel_spacing_mm=spec.pixel_spacing_mm)
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
+    network = _on_device(model, settings.device)
+    on_gpu: dict[str, Any] = {}
+    if settings.device != "cpu":  # windows on the GPU, stitching and outputs on the CPU
+        on_gpu = {"sw_device": torch.device(settings.device), "device": torch.device("cpu")}
     inferer = SliceInferer(roi_size=(spec.roi_size, spec.roi_size),
                            sw_batch_size=settings.batch_size, spatial_dim=2,
                            overlap=settings.overlap, mode=settings.blend_mode,
-                           padding_mode="constant", cval=0.0, progress=False)
+                           padding_mode="constant", cval=0.0, progress=False, **on_gpu)
     settings.timings["orient_s"] = time.perf_counter() - t0
     t_pre = t_net = t_inv = 0.0
     done = 0
@@ -102,7 +118,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         x = x.permute(0, 2, 3, 1)[None]
         tb = time.perf_counter()
         with torch.inference_mode():
-            logits = inferer(x, model.network)
+            logits = inferer(x, network)
         # Lung channels only: bilinear inversion is linear, so the background probability
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
         probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)

@@ -72,7 +72,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
                      incomplete_timeout=args.incomplete_timeout, method=args.method,
                      model=args.model, threads=args.threads, max_attempts=args.max_attempts,
                      show_phi=args.show_phi, tls_cert=_opt(args.tls_cert),
-                     tls_key=_opt(args.tls_key), tls_ca=_opt(args.tls_ca))
+                     tls_key=_opt(args.tls_key), tls_ca=_opt(args.tls_ca),
+                     device=args.device)
     return serve(config, quiet=args.quiet)
 
 
@@ -117,6 +118,7 @@ def _seconds(text: str) -> float:
 def register(sub: Any) -> None:
     """Add the ``listen`` subcommand to the ``medseg`` parser."""
     from medseg.batch_cli import positive_int
+    from medseg.inference.device import DEVICE_HELP, device_argument
 
     p = sub.add_parser(
         "listen", help="run as a DICOM node: receive CT by C-STORE, send SEG and SR back",
@@ -169,6 +171,7 @@ def register(sub: Any) -> None:
                    help="torch threads (default: all cores)")
     p.add_argument("--max-attempts", type=positive_int, default=2,
                    help="tries per study (default 2)")
+    p.add_argument("--device", type=device_argument, default="cpu", help=DEVICE_HELP)
     p.add_argument("--show-phi", action="store_true",
                    help="show patient name, ID and study date in the reports (never in logs)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",

@@ -88,7 +88,8 @@ class NodeConfig:
     ``incomplete_timeout``: seconds after which an aborted, never re-sent series is
     discarded; ``tls_cert``/``tls_key`` (and ``tls_ca`` to require client certificates):
     DICOM over TLS for the listener (and the sender, which then verifies the destination
-    against ``tls_ca`` or the system's CAs); the rest as for ``medseg batch``."""
+    against ``tls_ca`` or the system's CAs); ``device``, ``method``, ``model``,
+    ``threads``, ``max_attempts``, ``show_phi`` as for ``medseg batch``."""
 
     out_dir: str
     port: int = 11112
@@ -108,6 +109,7 @@ class NodeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -239,6 +241,9 @@ class Node:
             if remove_partials(self.spool):
                 self.log("removed partly written instances of the last run from the spool")
             shutil.rmtree(self.spool / TRASH_NAME, ignore_errors=True)
+            from medseg.inference.device import resolve_device
+
+            resolve_device(cfg.device)  # a GPU that is not there fails at start
             if cfg.method == "unet":  # load once, now: an unknown model fails at start
                 from medseg.models import DEFAULT_MODEL
 
@@ -403,7 +408,7 @@ class Node:
         batch = BatchConfig(source=f"{SOURCE_PREFIX}//{cfg.ae_title}", out_dir=str(self.out),
                             method=cfg.method, model=cfg.model,
                             max_attempts=cfg.max_attempts, threads=cfg.threads,
-                            show_phi=cfg.show_phi, remote=source)
+                            show_phi=cfg.show_phi, remote=source, device=cfg.device)
         try:
             result = run_batch(batch, log=lambda m: self.log(f"batch: {m}"))
         except MedsegError as exc:  # the whole pass failed (e.g. a batch run holds OUT_DIR)

@@ -84,6 +84,8 @@ class TrainConfig:
     output_dir: str = "out/train_lung2d"
     seed: int = 0
     threads: int | None = None
+    #: where the network trains: cpu (default), auto, cuda or cuda:N
+    device: str = "cpu"
     max_minutes: float = 45.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -64,13 +64,15 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
     ph, pw = (-h) % divisor, (-w) % divisor
     padded = np.pad(image, ((0, 0), (0, ph), (0, pw)))
     out = np.zeros((k, h, w), np.uint8)
+    first = next(net.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     net.eval()
     with torch.inference_mode():
         for k0 in range(0, k, batch):
             ks = range(k0, min(k, k0 + batch))
             x = torch.from_numpy(np.stack([_context(padded, kk, context, step)
-                                           for kk in ks]))
-            out[k0:k0 + len(ks)] = net(x).argmax(1)[:, :h, :w].numpy().astype(np.uint8)
+                                           for kk in ks])).to(device)
+            out[k0:k0 + len(ks)] = net(x).argmax(1)[:, :h, :w].cpu().numpy().astype(np.uint8)
     return out
 
 
@@ -224,6 +226,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         net.load_state_dict(_widened(load_model(t.init_weights).network.state_dict(),
                                      net.state_dict()))
         data_note.append(f"initialised from {t.init_weights}")
+    from medseg.inference.device import resolve_device
+
+    device = torch.device(resolve_device(cfg.device))
+    net.to(device)
+    if device.type != "cpu":
+        log(f"training on {device} ({torch.cuda.get_device_name(device)})")
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
     loss_fn = MaskedDiceCE(lesion_weight=t.lesion_weight)
@@ -238,6 +246,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         te = time.monotonic()
         for _ in range(t.steps_per_epoch):
             x, y = sampler.batch(t.batch_size)
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss = loss_fn(net(x), y)
             loss.backward()
@@ -282,7 +291,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         log(" ".join(f"{k}={v}" for k, v in row.items()))
         if score > best:
             best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if epoch - best_epoch >= t.patience:
             stopped = f"early stop: no better validation score for {t.patience} epochs"
             break
@@ -312,6 +321,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
             "stopped": stopped,
             "minutes": round((time.monotonic() - t_start) / 60, 1),
             "torch": torch.__version__,
+            "device": str(device),
         },
     }
     write_text(out_dir / f"{cfg.name}.json", json.dumps(card, indent=2) + "\n")

@@ -407,9 +407,11 @@ def _write_overlays(out_dir: Path | None, name: str, image: CTVolume,
 
 def run_robustness(shared_data: str | Path, *, model: Any = None,
                    cache_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every case; returns ``{"model", "rows", "notes", "timings_s"}`` (rows as dicts)
-    and, with ``out_dir``, writes robustness.json, robustness.md and overlay PNGs there."""
+                   log: Callable[[str], None] | None = None, device: str = "cpu"
+                   ) -> dict[str, Any]:
+    """Run every case (the network on ``device``); returns ``{"model", "rows", "notes",
+    "timings_s"}`` (rows as dicts) and, with ``out_dir``, writes robustness.json,
+    robustness.md and overlay PNGs there."""
     import tempfile
 
     from medseg.io import load
@@ -432,7 +434,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     t_all = time.perf_counter()
 
     def seg(vol: CTVolume) -> npt.NDArray[Any]:
-        return np.asarray(segment(vol, model=loaded).labels.array)
+        return np.asarray(segment(vol, model=loaded, device=device).labels.array)
 
     def timed(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
@@ -599,7 +601,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
 
     # 8. cip-ct64 -------------------------------------------------------------------------
     t0 = time.perf_counter()
-    cip = validate_on_cip(root, model=loaded)
+    cip = validate_on_cip(root, model=loaded, device=device)
     for side_name in ("right", "left"):
         rows.append(_row("cip-ct64 held-out", f"Dice {side_name}",
                          cip["metrics"][side_name]["dice"],
@@ -620,7 +622,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     ]
     for bad_name, make in bad:
         try:
-            segment(make(), model=loaded)
+            segment(make(), model=loaded, device=device)
         except MedsegError as exc:
             rows.append(RobustnessRow("bad input", f"{bad_name} refused",
                                       f"{type(exc).__name__}: {exc}", "refused", True))

@@ -23,7 +23,7 @@ __all__ = ["validate_on_cip"]
 
 
 def validate_on_cip(shared_data: str | Path, *, method: str = "unet", model: Any = None,
-                    val_fraction: float = 0.5) -> dict[str, Any]:
+                    val_fraction: float = 0.5, device: str = "cpu") -> dict[str, Any]:
     """Metrics per lung (and both) of ``method`` on cip-ct64's validation slices."""
     root = Path(shared_data)
     ref = cip_reference(root)
@@ -31,7 +31,7 @@ def validate_on_cip(shared_data: str | Path, *, method: str = "unet", model: Any
         raise NotFoundError("cip-ct64 (ct-64Dicom and lm-64.nrrd) not found",
                             path=root / "cip-ct64")
     image, labels = ref
-    seg = segment(image, method=method, model=model)
+    seg = segment(image, method=method, model=model, device=device)
     # slices in inferior -> superior order by their world z (LPS +z is superior)
     nk = image.shape[0]
     z = image.geometry.index_to_world(np.c_[np.zeros((nk, 2)), np.arange(nk)])[:, 2]
