@@ -39,10 +39,13 @@ def _batch_row(out: Path, study_uid: str) -> dict[str, object] | None:
     db = out / "batch.sqlite"
     if not db.exists():
         return None
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM studies WHERE study_id = ?",
-                           (sanitize_id(study_uid),)).fetchone()
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            conn.row_factory = sqlite3.Row
+            row = conn.execute("SELECT * FROM studies WHERE study_id = ?",
+                               (sanitize_id(study_uid),)).fetchone()
+    except sqlite3.OperationalError:  # the node is creating it
+        return None
     return dict(row) if row is not None else None
 
 
