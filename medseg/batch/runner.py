@@ -66,13 +66,20 @@ import time
 import traceback
 from asyncio import CancelledError
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.batch.sources import StudySpec, discover_studies
-from medseg.batch.state import StateDB, StudyRow, checksum_folder, utc_now, verify_outputs
+from medseg.batch.state import (
+    StateDB,
+    StudyRow,
+    checksum_folder,
+    hold_lock,
+    utc_now,
+    verify_outputs,
+)
 from medseg.conventions import METHODS, OUTPUT_NAMES
 from medseg.errors import (
     ConfigError,
@@ -500,29 +507,11 @@ class BatchResult:
         return [r for r in self.rows if r.status != "done"]
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
+def _exclusive(out: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``OUT_DIR/batch.lock``: two runs into one folder would delete each other's
-    staging folders. The kernel releases the lock when the process dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; one run per folder is then the user's care
-        yield
-        return
-    path = out / LOCK_NAME
-    try:
-        fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    except OSError as exc:
-        raise OutputError(f"cannot create the lock file: {exc.strerror}", path=path) from exc
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise OutputError("another 'medseg batch' is writing into this folder; wait for "
-                              "it or use another output folder", path=out) from exc
-        yield
-    finally:
-        fh.close()
+    staging folders."""
+    return hold_lock(out / LOCK_NAME, "another 'medseg batch' is writing into this folder; "
+                     "wait for it or use another output folder")
 
 
 #: What a study folder may hold: the outputs of ``segment_study`` and its temporary files.

@@ -48,8 +48,8 @@ from typing import Any
 from medseg.checksums import sha256_file
 from medseg.errors import OutputError
 
-__all__ = ["ERROR_KINDS", "SCHEMA_VERSION", "StateDB", "StudyRow", "checksum_folder", "utc_now",
-           "verify_outputs"]
+__all__ = ["ERROR_KINDS", "SCHEMA_VERSION", "StateDB", "StudyRow", "checksum_folder",
+           "hold_lock", "open_database", "utc_now", "verify_outputs"]
 
 SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "done", "failed")
@@ -87,6 +87,71 @@ CREATE TABLE IF NOT EXISTS outputs (
     PRIMARY KEY (study_id, name)
 );
 """
+
+
+@contextmanager
+def hold_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block;
+    :class:`~medseg.errors.OutputError` with ``busy`` when another process holds it. The
+    kernel releases it when the process dies, so a killed run never blocks the next."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one run per folder is then the user's care
+        yield
+        return
+    try:
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    except OSError as exc:
+        raise OutputError(f"cannot create the lock file: {exc.strerror}", path=path) from exc
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise OutputError(busy, path=path.parent) from exc
+        yield
+    finally:
+        fh.close()
+
+
+def open_database(path: Path, schema: str, version: int, what: str, *,
+                  pragmas: tuple[str, ...] = (), check_same_thread: bool = True,
+                  upgrades: dict[int, tuple[str, ...]] | None = None) -> sqlite3.Connection:
+    """A state database in autocommit mode, WAL, rows as ``sqlite3.Row``: ``schema`` created
+    if missing, its ``meta.schema_version`` checked; a database of an older version listed in
+    ``upgrades`` gets those statements and the current version. Errors are
+    :class:`~medseg.errors.OutputError` naming ``what`` and the file."""
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+                               check_same_thread=check_same_thread)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in schema.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                               ).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+            elif int(row[0]) != version:
+                steps = (upgrades or {}).get(int(row[0]))
+                if steps is None:
+                    raise OutputError(f"{what} schema {row[0]}, this medseg writes {version}: "
+                                      "use another output folder", path=path)
+                for stmt in steps:
+                    conn.execute(stmt)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                             (str(version),))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise OutputError(f"cannot open the {what}: {exc}", path=path) from exc
+    return conn
 
 
 def utc_now() -> str:
@@ -151,31 +216,10 @@ class StateDB:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            with self._tx():
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.conn.execute(stmt)
-                row = self.conn.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                      (str(SCHEMA_VERSION),))
-                elif int(row[0]) == 1:  # upgrade: version 2 added error_kind
-                    self.conn.execute("ALTER TABLE studies ADD COLUMN error_kind TEXT")
-                    self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                                      (str(SCHEMA_VERSION),))
-                elif int(row[0]) != SCHEMA_VERSION:
-                    raise OutputError(
-                        f"state database schema {row[0]}, this medseg writes "
-                        f"{SCHEMA_VERSION}: use another output folder", path=self.path)
-        except sqlite3.Error as exc:
-            raise OutputError(f"cannot open the state database: {exc}", path=self.path) \
-                from exc
+        # version 2 added error_kind
+        self.conn = open_database(
+            self.path, _SCHEMA, SCHEMA_VERSION, "state database", pragmas=("foreign_keys=ON",),
+            upgrades={1: ("ALTER TABLE studies ADD COLUMN error_kind TEXT",)})
 
     def __enter__(self) -> StateDB:
         return self

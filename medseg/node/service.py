@@ -44,7 +44,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from medseg.batch import BatchConfig, StateDB, StudySpec, run_batch, sanitize_id
 from medseg.batch.runner import STATE_NAME as BATCH_STATE_NAME
 from medseg.batch.runner import worker_model
+from medseg.batch.state import hold_lock
 from medseg.batch.summary import write_summary
 from medseg.checksums import sha256_file
 from medseg.conventions import METHODS, SEG_FILENAME, SR_FILENAME
@@ -177,30 +178,6 @@ def series_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT_DIR/node.lock`` for the node's life: one node per output folder."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock
-        yield
-        return
-    path = out / LOCK_NAME
-    try:
-        fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    except OSError as exc:
-        raise OutputError(f"cannot create the lock file: {exc.strerror}", path=path) from exc
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise OutputError("another 'medseg listen' uses this output folder", path=out) \
-                from exc
-        yield
-    finally:
-        fh.close()
-
-
 def _backoff(attempts: int) -> float:
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, attempts - 1))
 
@@ -232,7 +209,8 @@ class Node:
             raise OutputError(f"cannot create the output folder: {exc.strerror}",
                               path=self.out) from exc
         try:
-            self._stack.enter_context(_exclusive(self.out))
+            self._stack.enter_context(hold_lock(self.out / LOCK_NAME, "another 'medseg "
+                                                "listen' uses this output folder"))
             self.state = self._stack.enter_context(NodeState(self.out / STATE_NAME))
             incomplete = self.state.recover()
             if incomplete:

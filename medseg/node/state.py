@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg.batch.state import utc_now
-from medseg.errors import OutputError
+from medseg.batch.state import open_database, utc_now
 
 __all__ = ["STATE_NAME", "NodeState", "SendRow", "SeriesRow"]
 
@@ -135,28 +134,8 @@ class NodeState:
         #: spool is moved away: a series is never settled while an instance of it lands.
         self.lock = threading.RLock()
         self._lock = self.lock
-        try:
-            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                        check_same_thread=False)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            with self._tx():
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.conn.execute(stmt)
-                row = self.conn.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                      (str(SCHEMA_VERSION),))
-                elif int(row[0]) != SCHEMA_VERSION:
-                    raise OutputError(f"node database schema {row[0]}, this medseg writes "
-                                      f"{SCHEMA_VERSION}: use another output folder",
-                                      path=self.path)
-        except sqlite3.Error as exc:
-            raise OutputError(f"cannot open the node database: {exc}", path=self.path) \
-                from exc
+        self.conn = open_database(self.path, _SCHEMA, SCHEMA_VERSION, "node database",
+                                  pragmas=("synchronous=NORMAL",), check_same_thread=False)
 
     def close(self) -> None:
         with self._lock:
