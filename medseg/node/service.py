@@ -70,6 +70,8 @@ LOCK_NAME = "node.lock"
 TRASH_NAME = ".trash"
 #: Seconds between two looks at the spool.
 POLL_S = 0.5
+#: Seconds before a pass that failed unexpectedly is tried again.
+RETRY_PASS_S = 10.0
 #: First retry of a failed send or of a study the machine failed, doubling up to the cap.
 RETRY_FIRST_S = 30.0
 RETRY_MAX_S = 3600.0
@@ -261,8 +263,17 @@ class Node:
         self._stack.close()
 
     def serve_forever(self, stop: threading.Event) -> None:
+        """Run :meth:`step` every :data:`POLL_S` seconds until ``stop`` is set. A pass that
+        fails unexpectedly (a bug, a disk that fails under the databases) is logged and
+        tried again after :data:`RETRY_PASS_S`: the node keeps receiving meanwhile, and
+        nothing it recorded is lost."""
         while not stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a service does not die of one pass
+                self.log(f"error: a pass of the main loop failed ({type(exc).__name__}: "
+                         f"{exc}); trying again in {RETRY_PASS_S:g} s")
+                stop.wait(RETRY_PASS_S)
             stop.wait(POLL_S)
 
     # -- one pass ----------------------------------------------------------------------

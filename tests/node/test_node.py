@@ -383,3 +383,25 @@ def test_command_line_errors_name_the_problem(tmp_path: Path,
     with pytest.raises(SystemExit):
         main(["listen", "-o", "x", "--port", "70000", "--allow-any"])
     assert "0-65535" in capsys.readouterr().err
+
+
+def test_a_failing_pass_is_logged_and_the_node_goes_on(
+        tmp_path: Path, start_node: Callable[..., RunningNode],
+        phantom_series: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "RETRY_PASS_S", 0.2)
+    calls = []
+    real = service.Node._select
+
+    def flaky(self: service.Node, now: float) -> object:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return real(self, now)
+
+    monkeypatch.setattr(service.Node, "_select", flaky)
+    node = start_node(tmp_path / "out")
+    src = phantom_series(1)
+    send_series(node.port, src)
+    wait_for("the study done", lambda: _done(node, uids(src)[0]))
+    assert any("simulated failure" in m and m.startswith("error:") for m in node.logs)
+    node.close()
