@@ -20,7 +20,8 @@
   only when they are valid UIDs (digits and dots, at most 64 characters); anything else is
   replaced by a hash, never used as a path: header text never names a file.
 * **Transfers.** Each association remembers the series it carried; a release marks them
-  released (the sender said it is done), an abort or a connection lost without a release
+  released (the sender said it is done; recorded when the A-RELEASE-RQ arrives, before it
+  is answered), an abort or a connection lost without a release
   marks them incomplete (:class:`~medseg.node.state.NodeState`). Logs name AE titles, UIDs
   and counts, never patient data.
 """
@@ -218,6 +219,15 @@ class StorageSCP:
                                 now=time.time())
         return 0x0000
 
+    def _on_pdu(self, event: Any) -> None:
+        """An A-RELEASE-RQ from the sender: its transfer is recorded released *before*
+        pynetdicom answers it, so a node that dies right after the answer (the sender then
+        believes its series delivered) still knows the series is complete."""
+        from pynetdicom.pdu import A_RELEASE_RQ
+
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            self._on_released(event)
+
     def _on_released(self, event: Any) -> None:
         carried, last, n = self._transfers.end(event.assoc)
         if carried:
@@ -296,7 +306,8 @@ class StorageSCP:
                 super().process_request_thread(request, client_address)
 
         handlers = [(evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_RELEASED, self._on_released),
+                    (evt.EVT_PDU_RECV, self._on_pdu),
+                    (evt.EVT_RELEASED, self._on_released),  # if the PDU was not seen
                     (evt.EVT_ABORTED, lambda e: self._on_aborted(e, "aborted")),
                     (evt.EVT_CONN_CLOSE, self._on_close),
                     (evt.EVT_REJECTED, self._on_rejected)]

@@ -110,8 +110,8 @@ def test_sigkilled_node_resumes_each_study_once_with_identical_outputs(
     port = free_port()
     with _listen(_listen_args(killed, port), port, tmp_path / "killed.log"):
         wait_for("every study done after the restart",
-                 lambda: all(_rows(killed).get(i, {}).get("status") == "done" for i in ids),
-                 timeout=180)
+                 lambda: all(_rows(killed).get(i, {}).get("status") == "done" for i in ids)
+                 and _series_statuses(killed) == ["done"] * len(ids), timeout=180)
     after = _rows(killed)
     for sid in ids:
         if before.get(sid, {}).get("status") == "done":  # finished before: not redone
@@ -123,8 +123,8 @@ def test_sigkilled_node_resumes_each_study_once_with_identical_outputs(
         for s in series:
             send_series(port, s)
         wait_for("every study done in the uninterrupted run",
-                 lambda: all(_rows(clean).get(i, {}).get("status") == "done" for i in ids),
-                 timeout=180)
+                 lambda: all(_rows(clean).get(i, {}).get("status") == "done" for i in ids)
+                 and _series_statuses(clean) == ["done"] * len(ids), timeout=180)
     for sid in ids:
         _same_outputs(killed, clean, sid)
 
