@@ -84,6 +84,19 @@ class MedsegError(Exception):
         self.series = self.series or series
         self.args = (self._format(),)
 
+    def relocate_within(self, folder: str | Path, source: str, what: str,
+                        series: str | None = None) -> None:
+        """If the error names ``folder`` or a file in it (a local copy that will be deleted),
+        point it at ``source`` instead: the folder itself becomes ``source``, a file
+        ``source (<what> <name>)``. Errors about other paths are left as they are."""
+        if self.path is None:
+            return
+        try:
+            rel = Path(self.path).resolve().relative_to(Path(folder).resolve())
+        except ValueError:
+            return
+        self.relocate(source if rel == Path(".") else f"{source} ({what} {rel})", series)
+
     def _format(self) -> str:
         parts = []
         if self.path:

@@ -54,6 +54,7 @@ Design
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -100,6 +101,7 @@ __all__ = [
     "StudyTask",
     "failure_kind",
     "model_loads",
+    "model_name",
     "run_batch",
     "run_study",
     "worker_model",
@@ -170,7 +172,7 @@ class BatchConfig:
 
         try:
             device_argument(self.device)
-        except Exception as exc:  # argparse.ArgumentTypeError
+        except argparse.ArgumentTypeError as exc:
             raise ValueError(f"device {exc}") from exc
         if self.remote is None and "://" in str(self.source):
             raise ValueError(f"source {self.source!r} is a URL: it needs a remote source "
@@ -552,6 +554,15 @@ def _promote(staging: Path, final: Path, trash: Path) -> None:
     os.replace(staging, final)
 
 
+def model_name(model: str | None) -> str:
+    """The name workers load ``model`` by: the default model when ``None``, a card or
+    weights file on disk as an absolute path (workers have another current directory)."""
+    from medseg.inference import DEFAULT_MODEL
+
+    name = model or DEFAULT_MODEL
+    return os.path.abspath(name) if Path(name).suffix in (".json", ".pt") else name
+
+
 def _resolve_model(config: BatchConfig) -> tuple[str | None, str]:
     """The model name to send to workers (an absolute path for a card on disk) and the
     parameters fingerprint: a done study is reused only if it was made with the same
@@ -561,11 +572,7 @@ def _resolve_model(config: BatchConfig) -> tuple[str | None, str]:
     name: str | None = None
     model: dict[str, str] | None = None
     if config.method == "unet":
-        from medseg.models import DEFAULT_MODEL
-
-        name = config.model or DEFAULT_MODEL
-        if Path(name).suffix in (".json", ".pt"):
-            name = os.path.abspath(name)
+        name = model_name(config.model)
         loaded = worker_model(name)
         model = {"name": loaded.spec.name, "sha256": loaded.sha256}
     fingerprint: dict[str, Any] = {"method": config.method, "model": model,

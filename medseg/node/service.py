@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 from medseg.batch import BatchConfig, StateDB, StudySpec, run_batch, sanitize_id
 from medseg.batch.runner import STATE_NAME as BATCH_STATE_NAME
-from medseg.batch.runner import worker_model
+from medseg.batch.runner import model_name, worker_model
 from medseg.batch.state import hold_lock
 from medseg.batch.summary import write_summary
 from medseg.checksums import sha256_file
@@ -160,11 +160,7 @@ class NodeSource:
         try:
             result = segment(folder)
         except MedsegError as exc:
-            if exc.path is not None:
-                with contextlib.suppress(ValueError):
-                    rel = Path(exc.path).resolve().relative_to(folder.resolve())
-                    exc.relocate(source if rel == Path(".") else
-                                 f"{source} (instance {rel})")
+            exc.relocate_within(folder, source, "instance")  # the spool is deleted later
             raise
         return result, {"node": {"series_instance_uid": source.split("/")[-1].split("#")[0],
                                  "instances": spool_count(folder)}}
@@ -225,12 +221,7 @@ class Node:
 
             resolve_device(cfg.device)  # a GPU that is not there fails at start
             if cfg.method == "unet":  # load once, now: an unknown model fails at start
-                from medseg.models import DEFAULT_MODEL
-
-                name = cfg.model or DEFAULT_MODEL
-                if Path(name).suffix in (".json", ".pt"):
-                    name = os.path.abspath(name)
-                worker_model(name)
+                worker_model(model_name(cfg.model))
             ssl_context = None
             if cfg.tls_cert and cfg.tls_key:
                 from medseg.node.scp import tls_server_context
@@ -471,14 +462,11 @@ class Node:
 
 
 def run_node(config: NodeConfig, *, log: Callable[[str], None] | None = None,
-             stop: threading.Event | None = None,
-             started: Callable[[Node], None] | None = None) -> None:
+             stop: threading.Event | None = None) -> None:
     """Run a node until ``stop`` is set (or Ctrl-C / SIGTERM in the command)."""
     node = Node(config, log=log)
     node.start()
     try:
-        if started is not None:
-            started(node)
         node.serve_forever(stop or threading.Event())
     finally:
         node.close()

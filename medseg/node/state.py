@@ -44,7 +44,6 @@ __all__ = ["STATE_NAME", "NodeState", "SendRow", "SeriesRow"]
 
 STATE_NAME = "node.sqlite"
 SCHEMA_VERSION = 1
-TRANSFERS = ("open", "released", "aborted")
 STATUSES = ("receiving", "incomplete", "processing", "done", "failed", "not_segmented",
             "discarded")
 
@@ -133,12 +132,11 @@ class NodeState:
         #: Held while an instance is written to the spool and recorded, and while a series'
         #: spool is moved away: a series is never settled while an instance of it lands.
         self.lock = threading.RLock()
-        self._lock = self.lock
         self.conn = open_database(self.path, _SCHEMA, SCHEMA_VERSION, "node database",
                                   pragmas=("synchronous=NORMAL",), check_same_thread=False)
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             self.conn.close()
 
     def __enter__(self) -> NodeState:
@@ -149,7 +147,7 @@ class NodeState:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
@@ -224,13 +222,13 @@ class NodeState:
                       (instances, series_uid))
 
     def series(self, series_uid: str) -> SeriesRow | None:
-        with self._lock:
+        with self.lock:
             row = self.conn.execute("SELECT * FROM series WHERE series_uid = ?",
                                     (series_uid,)).fetchone()
         return None if row is None else _series_row(row)
 
     def all_series(self, study_uid: str | None = None) -> list[SeriesRow]:
-        with self._lock:
+        with self.lock:
             if study_uid is None:
                 rows = self.conn.execute("SELECT * FROM series ORDER BY study_uid, "
                                          "series_uid").fetchall()
@@ -243,7 +241,7 @@ class NodeState:
         """Studies with a series to look at: some series receiving, and every receiving
         series of the study released by its sender at least ``quiet_time`` seconds ago
         (and past its retry time); none open or incomplete. Oldest first."""
-        with self._lock:
+        with self.lock:
             rows = self.conn.execute(
                 "SELECT study_uid, MIN(first_at) AS first FROM series GROUP BY study_uid "
                 "HAVING SUM(status = 'receiving') > 0 "
@@ -255,7 +253,7 @@ class NodeState:
 
     def expired(self, now: float, timeout: float) -> list[SeriesRow]:
         """Incomplete series that received nothing for ``timeout`` seconds."""
-        with self._lock:
+        with self.lock:
             rows = self.conn.execute(
                 "SELECT * FROM series WHERE status = 'incomplete' AND last_at < ? "
                 "ORDER BY series_uid", (now - timeout,)).fetchall()
@@ -285,20 +283,20 @@ class NodeState:
                       (study_id, study_uid, source, json.dumps(files), destination, now))
 
     def send_of(self, study_id: str) -> SendRow | None:
-        with self._lock:
+        with self.lock:
             row = self.conn.execute("SELECT * FROM sends WHERE study_id = ?",
                                     (study_id,)).fetchone()
         return None if row is None else _send_row(row)
 
     def due_sends(self, now: float) -> list[SendRow]:
-        with self._lock:
+        with self.lock:
             rows = self.conn.execute("SELECT * FROM sends WHERE status = 'pending' AND "
                                      "next_try <= ? ORDER BY next_try, study_id",
                                      (now,)).fetchall()
         return [_send_row(r) for r in rows]
 
     def sends(self) -> list[SendRow]:
-        with self._lock:
+        with self.lock:
             rows = self.conn.execute("SELECT * FROM sends ORDER BY study_id").fetchall()
         return [_send_row(r) for r in rows]
 
@@ -308,15 +306,11 @@ class NodeState:
                       "last_error = NULL, sent_at = ? WHERE study_id = ?",
                       (utc_now(), study_id))
 
-    def send_failed(self, study_id: str, error: str, next_try: float) -> int:
-        """Record a failed send; returns the number of attempts so far."""
+    def send_failed(self, study_id: str, error: str, next_try: float) -> None:
+        """Record a failed send and when to try again."""
         with self._tx() as c:
             c.execute("UPDATE sends SET attempts = attempts + 1, last_error = ?, "
                       "next_try = ? WHERE study_id = ?", (error, next_try, study_id))
-            row = c.execute("SELECT attempts FROM sends WHERE study_id = ?",
-                            (study_id,)).fetchone()
-        return int(row[0]) if row else 0
-
 
 def _series_row(r: sqlite3.Row) -> SeriesRow:
     data = dict(zip(r.keys(), tuple(r), strict=True))

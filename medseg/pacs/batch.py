@@ -116,19 +116,6 @@ def discover_pacs_studies(job: PacsJob, *, reference_dir: str | Path | None = No
             for sid, uid in zip(ids, uids, strict=True)]
 
 
-def _cite_pacs_source(exc: MedsegError, cache: Path, source: str, series_uid: str) -> None:
-    """Make an error about a pulled file name the study on the server (the local copy is
-    deleted when the error is reported): ``dicomweb+URL/studies/UID`` and the series, with
-    the file's name kept for an instance-level error."""
-    if exc.path is None:
-        return
-    try:
-        rel = Path(exc.path).resolve().relative_to(cache.resolve())
-    except ValueError:
-        return
-    exc.relocate(source if rel == Path(".") else f"{source} (pulled file {rel})", series_uid)
-
-
 def run_pacs_study(job: PacsJob, source: str, staging: Path,
                    segment: Callable[[Path], Any]) -> tuple[Any, dict[str, Any]]:
     """Choose, pull, segment (``segment(folder)`` writes into ``staging``) and, with
@@ -144,7 +131,8 @@ def run_pacs_study(job: PacsJob, source: str, staging: Path,
         try:
             result = segment(cache)
         except MedsegError as exc:
-            _cite_pacs_source(exc, cache, source, choice.series.series_uid)
+            # the local copy is deleted when the error is reported: name the server's study
+            exc.relocate_within(cache, source, "pulled file", choice.series.series_uid)
             raise
         pushed: list[str] = []
         if job.options.push:
