@@ -313,7 +313,7 @@ def _right_counts(comp: npt.NDArray[np.int32], n: int, box: tuple[slice, ...],
 
 def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
                             hu: npt.NDArray[Any] | None,
-                            geometry: Geometry) -> npt.NDArray[np.uint8]:
+                            geometry: Geometry, enclosed: bool = True) -> npt.NDArray[np.uint8]:
     out = np.zeros(labels.shape, np.uint8)
     lungs = (labels == LABEL_RIGHT) | (labels == LABEL_LEFT)
     box = bounding_box(lungs)
@@ -384,6 +384,11 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
     kept = {lab: res == lab for lab in (LABEL_RIGHT, LABEL_LEFT)}
     if vw.any():
         _voxelwise(sub, vw, kept, comp, sizes, lut, voxel_ml)
+    if hub is not None and enclosed:
+        # rule 4: soft tissue the lung closes around (a lesion) is lung
+        from medseg.inference.enclosed import add_enclosed_tissue
+
+        add_enclosed_tissue(kept, hub, geometry)
     _fill_and_write(out[box], {k: m for k, m in kept.items() if m.any()}, axial_axis)
     return out
 
@@ -433,7 +438,8 @@ def _voxelwise(sub: npt.NDArray[Any], vw: npt.NDArray[np.bool_],
 
 def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
                        hu: npt.NDArray[Any] | None = None,
-                       geometry: Geometry | None = None) -> npt.NDArray[np.uint8]:
+                       geometry: Geometry | None = None,
+                       enclosed: bool = True) -> npt.NDArray[np.uint8]:
     """Clean the network's right (1) / left (2) lung labels; holes enclosed in each axial
     slice are filled (vessels, nodules, tumour surrounded by lung), only into background,
     never over the other lung. ``axial_axis`` is the array axis across axial slices
@@ -478,9 +484,13 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
        lesion can split a lung); smaller specks are dropped, so a lung absent from the
        field of view is not invented from fragments. In components keeping the network's
        labels, the fragment rule above applies against the largest piece of each lung.
+    4. With ``enclosed`` (default) and ``hu``: **soft tissue the lung closes around** is
+       added to that lung (:func:`medseg.inference.enclosed.add_enclosed_tissue`): a tumour,
+       consolidation or collapse against the chest wall or the mediastinum that the
+       network left out. Then holes are filled per axial slice.
     """
     if geometry is None:
         return _postprocess_by_label(labels, axial_axis)
     if hu is not None and hu.shape != labels.shape:
         raise ValueError(f"hu {hu.shape} and labels {labels.shape} differ in shape")
-    return _postprocess_by_anatomy(labels, axial_axis, hu, geometry)
+    return _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed)
