@@ -116,7 +116,19 @@ def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     depth = ndimage.map_coordinates(
         closed_depth, np.stack([(p - o) / t for p, o, t in zip(pts, off, step, strict=True)]),
         order=1, mode="nearest")
-    pts = tuple(p[depth > CLOSE_MM] for p in pts)
+    # the closing on a coarse grid is blurred by about a cell: a voxel a little less deep
+    # is taken too when a surely enclosed voxel lies in its cell or a neighbouring one (the
+    # edge of a lesion against the chest wall), never elsewhere along the lung's surface
+    sure = depth > CLOSE_MM
+    rim = ~sure & (depth > CLOSE_MM - max(grid))
+    if rim.any() and sure.any():
+        cells = tuple(np.minimum(p // t, n - 1)
+                      for p, t, n in zip(pts, step, coarse.shape, strict=True))
+        occupied = np.zeros(coarse.shape, bool)
+        occupied[tuple(c[sure] for c in cells)] = True
+        occupied = ndimage.binary_dilation(occupied, np.ones((3, 3, 3), bool))
+        sure |= rim & occupied[cells]
+    pts = tuple(p[sure] for p in pts)
     found = np.zeros(lung.shape, bool)
     if pts[0].size == 0:
         return found
@@ -137,7 +149,35 @@ def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     keep = (gas_n <= GAS_CONTACT_FRACTION * sizes) & (sizes * voxel_ml >= MIN_PIECE_ML)
     keep[0] = False
     found[box] = keep[comp]
-    return found
+    return found | _skin(found, lung, any_lung, hu)
+
+
+def _skin(found: npt.NDArray[np.bool_], lung: npt.NDArray[np.bool_],
+          any_lung: npt.NDArray[np.bool_], hu: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """The voxels between found tissue and its lung (face neighbours of both, in neither,
+    below soft tissue's upper bound): the lesion's edge, which partial volume with the
+    air of the lung takes below the soft-tissue range."""
+    pts = np.nonzero(found)
+    skin = np.zeros(found.shape, bool)
+    if pts[0].size == 0:
+        return skin
+
+    def moved(p: tuple[npt.NDArray[np.intp], ...], axis: int, d: int
+              ) -> tuple[npt.NDArray[np.intp], ...]:
+        return tuple(np.clip(q + d, 0, n - 1) if a == axis else q
+                     for a, (q, n) in enumerate(zip(p, found.shape, strict=True)))
+
+    for axis in range(3):
+        for d in (-1, 1):
+            nb = moved(pts, axis, d)
+            ok = ~any_lung[nb] & ~found[nb] & (hu[nb] < SOFT_TISSUE_HU[1])
+            cand = tuple(q[ok] for q in nb)
+            by_lung = np.zeros(cand[0].shape, bool)
+            for axis2 in range(3):
+                for d2 in (-1, 1):
+                    by_lung |= lung[moved(cand, axis2, d2)]
+            skin[tuple(q[by_lung] for q in cand)] = True
+    return skin
 
 
 def _canonical(direction: npt.NDArray[np.float64]
