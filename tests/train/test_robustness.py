@@ -177,43 +177,44 @@ def test_rows_markdown() -> None:
     assert "| a | m | 0.9877 | >= 0.97 | pass |" in md and "| b | n | x/y | refused | FAIL |" in md
 
 
-#: What the shipped model (lung2d-v2) meets: every targeted row of the suite, as measured on
-#: 2026-11-30 by `medseg validate-model --suite robustness` (values in the comments; the table
-#: is in docs/model-card.md). Keys are (case, measure prefix); True = the row must pass,
-#: False = reported, and the shipped model misses it (issue 12 is open for these: inserted
-#: consolidation and masses not yet >= 95 % inside, one thick effusion 8 % inside, the
-#: consistency variants just under their targets).
+#: What the shipped model (lung2d-v2, with rule 4 of the postprocessing) meets: every
+#: targeted row of the suite, as measured on 2026-11-30 by `medseg validate-model --suite
+#: robustness` (values in the comments; the table is in docs/model-card.md). Keys are
+#: (case, measure prefix); True = the row must pass, False = reported, and the shipped
+#: model misses it (issue 12 is open for these: inserted consolidation and masses not yet
+#: >= 95 % inside, one thick effusion 10 % inside, the consistency variants just under
+#: their targets).
 SHIPPED_MEETS: dict[tuple[str, str], bool] = {
-    ('lidc', 'Dice right vs reference'): True,  # 0.9864
-    ('lidc', 'Dice left vs reference'): True,  # 0.9885
-    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9855
-    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9833
-    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9768
-    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 51.3207
-    ('lidc+lesions', '% mass voxels in lung'): False,  # 78.618
+    ('lidc', 'Dice right vs reference'): True,  # 0.9852
+    ('lidc', 'Dice left vs reference'): True,  # 0.9868
+    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9848
+    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9828
+    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9797
+    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 60.2417
+    ('lidc+lesions', '% mass voxels in lung'): False,  # 93.6373
     ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): True,  # 4.9194
-    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.2186
-    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9851
-    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): False,  # 8.3239
+    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.2995
+    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9838
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): False,  # 9.6852
     ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 2.7608
-    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9803
+    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9784
     ('lidc nodules', '% nodule voxels in lung'): True,  # 99.9868
     ('totalseg abdomen', 'mL lung label on gut gas'): True,  # 0.0
     ('totalseg abdomen', 'right base recall'): True,  # 0.9757
     ('totalseg abdomen', 'left base recall'): True,  # 0.9257
-    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9579
+    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9552
     ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0168
-    ('crop left hemithorax', 'Dice left vs cropped ref'): True,  # 0.9836
+    ('crop left hemithorax', 'Dice left vs cropped ref'): True,  # 0.9816
     ('crop left hemithorax', '% lung labelled the wrong side'): True,  # 0.0312
-    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 0.99
-    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 0.9971
+    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 0.9898
+    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 0.9967
     ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0002
-    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9781
-    ('crop base 40 %', 'Dice left vs cropped ref'): False,  # 0.8994
+    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9776
+    ('crop base 40 %', 'Dice left vs cropped ref'): False,  # 0.8965
     ('crop base 40 %', '% lung labelled the wrong side'): True,  # 0.0
-    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): False,  # 0.9868
-    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9671
-    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.978
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): False,  # 0.9842
+    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9667
+    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.9765
     ('consistency', 'reversed storage: voxels differing from clean'): True,  # 0.0
     ('cip-ct64 held-out', 'Dice right'): True,  # 0.9877
     ('cip-ct64 held-out', 'Dice left'): True,  # 0.9847
@@ -225,8 +226,8 @@ SHIPPED_MEETS: dict[tuple[str, str], bool] = {
 #: not met yet, but a change that makes them worse fails. (value >= floor, or <= for "%
 #: effusion" rows.)
 SHIPPED_FLOORS: dict[tuple[str, str], float] = {
-    ('lidc+lesions', '% consolidation voxels in lung'): 45.0,
-    ('lidc+lesions', '% mass voxels in lung'): 70.0,
+    ('lidc+lesions', '% consolidation voxels in lung'): 57.0,
+    ('lidc+lesions', '% mass voxels in lung'): 90.0,
     ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): 10.0,
     ('crop base 40 %', 'Dice left vs cropped ref'): 0.88,
     ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): 0.98,
