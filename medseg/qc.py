@@ -42,12 +42,6 @@ whatever model made it:
     :data:`DENSE_MIN_ML`: a tumour or consolidation dropped from the lung. A lesion against
     the chest wall or the mediastinum that leaves a wide bite in the lung's outline is NOT
     found this way (measured: docs/concepts/quality-control.md).
-``bite_left_out``
-    soft tissue that a lung closes around in 3D (a bite in the lung's outline with lung over
-    and under it: :func:`medseg.inference.enclosed.add_enclosed_tissue`, the rule medseg's
-    own postprocessing applies) left out of the mask, in pieces of at least
-    :data:`BITE_MIN_ML`: a mass or consolidation against the chest wall or the mediastinum
-    cut out of the lung (another tool's mask, or an older medseg's).
 ``slice_jump``
     an axial slice whose lung area differs from both neighbours by more than
     :data:`JUMP_FRACTION` while they agree: a slice the mask got wrong.
@@ -118,9 +112,6 @@ DENSE_HU = -500.0
 ENCLOSED_RADIUS_MM = 12.0
 #: Smallest enclosed dense component left out of the mask that counts (mL).
 DENSE_MIN_ML = 15.0
-#: Smallest piece of soft tissue in a bite of the lung's outline left out of the mask that
-#: counts (mL; ``bite_left_out``).
-BITE_MIN_ML = 10.0
 #: A slice's lung area (one label) differing from the mean of its two neighbours by more
 #: than this fraction of it, while the neighbours agree within half of it.
 JUMP_FRACTION = 0.4
@@ -322,7 +313,6 @@ def _finish(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
     _aerated(g, mask, body_air, signals, flag)
     _gas(g, mask, signals, flag)
     _dense(g, body_air, signals, flag)
-    _bites(g, signals, flag)
     _jumps(g, signals, flag)
     verdict = REVIEW if reasons else OK
     return QCResult(verdict, reasons, notes, signals,
@@ -469,29 +459,6 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
         flag(f"{total:.0f} mL of dense tissue enclosed by the lung is left out of the mask "
              f"(a tumour or consolidation dropped?), the largest piece {worst[0]:.0f} mL "
              f"around {g.where(worst[1])}", worst[1])
-
-
-def _bites(g: _Grid, signals: dict[str, Any], flag: Any) -> None:
-    from medseg.inference.enclosed import add_enclosed_tissue
-
-    kept = {int(s): g.lab == s for s in (*SIDES, 3) if np.any(g.lab == s)}
-    before = {s: m.copy() for s, m in kept.items()}
-    # the working grid is canonical (S, P, L): index i along L (+x), j along P (+y), k S (+z)
-    add_enclosed_tissue(kept, g.hu, Geometry((0.0, 0.0, 0.0),
-                                             (g.spacing[2], g.spacing[1], g.spacing[0])))
-    left_out = np.zeros(g.lab.shape, bool)
-    for s, m in kept.items():
-        left_out |= m & ~before[s]
-    tally = _Tally()
-    for _c, ml, box, piece in _big_pieces(g, left_out, BITE_MIN_ML)[1]:
-        tally.add(ml, box, piece)
-    total, worst = tally.total, tally.worst
-    signals["bite_left_out_ml"] = round(total, 1)
-    if worst is not None:
-        flag(f"{total:.0f} mL of soft tissue in a bite of the lung's outline (lung over and "
-             f"under it) is left out of the mask (a mass or consolidation against the chest "
-             f"wall or the mediastinum dropped?), the largest piece {worst[0]:.0f} mL around "
-             f"{g.where(worst[1])}", worst[1])
 
 
 def _jumps(g: _Grid, signals: dict[str, Any], flag: Any) -> None:
