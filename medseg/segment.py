@@ -72,6 +72,10 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)
     #: The quality verdict (:meth:`medseg.qc.QCResult.to_dict`), None when QC was not run.
     qc: dict[str, Any] | None = None
+    #: What the postprocessing changed that a reader should know: ``enclosed_tissue_ml``,
+    #: soft tissue a lung closes around put back into it (rule 4, a lesion the network left
+    #: out), per lung. None for the threshold method.
+    postprocess: dict[str, Any] | None = None
 
     def volumes_ml(self) -> dict[str, float]:
         # count_nonzero per label: bincount would widen every voxel to int64 (10x slower)
@@ -133,6 +137,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model_info = None
+    post: dict[str, Any] | None = None
     if method is Method.THRESHOLD:
         labels = threshold_labels(volume)
     else:
@@ -148,16 +153,20 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         raw = unet_labels(volume, loaded, settings, progress=progress)
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
+        added: dict[int, int] = {}
         labels = postprocess_labels(raw, volume.axial_axis(), hu=volume.array,
-                                    geometry=volume.geometry)
+                                    geometry=volume.geometry, added=added)
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
+        vml = volume.voxel_volume_ml()
+        post = {"enclosed_tissue_ml": {"right": round(added.get(LABEL_RIGHT, 0) * vml, 1),
+                                       "left": round(added.get(LABEL_LEFT, 0) * vml, 1)}}
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
                       "architecture": loaded.spec.to_dict(), "device": settings.device}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)
     meta = volume.metadata.copy()
     meta.warnings = []
     result = Segmentation(CTVolume(labels, volume.geometry, meta), method.value, model_info,
-                          timings, warnings)
+                          timings, warnings, postprocess=post)
     vols = result.volumes_ml()
     if vols["right"] == 0 and vols["left"] == 0:
         result.warnings.append("no lung found: the mask is empty (is this a chest CT?)")
@@ -310,6 +319,7 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
         "volumes_ml": result.volumes_ml(),
         "warnings": result.warnings,
         "qc": result.qc,
+        "postprocess": result.postprocess,
         "timings_s": {"load": round(t_load, 3), **result.timings,
                       "write": round(t_write, 3),
                       "total": round(time.perf_counter() - t0, 3)},

@@ -313,7 +313,8 @@ def _right_counts(comp: npt.NDArray[np.int32], n: int, box: tuple[slice, ...],
 
 def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
                             hu: npt.NDArray[Any] | None,
-                            geometry: Geometry, enclosed: bool = True) -> npt.NDArray[np.uint8]:
+                            geometry: Geometry, enclosed: bool = True,
+                            added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
     out = np.zeros(labels.shape, np.uint8)
     lungs = (labels == LABEL_RIGHT) | (labels == LABEL_LEFT)
     box = bounding_box(lungs)
@@ -388,7 +389,9 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
         # rule 4: soft tissue the lung closes around (a lesion) is lung
         from medseg.inference.enclosed import add_enclosed_tissue
 
-        add_enclosed_tissue(kept, hub, geometry)
+        counts = add_enclosed_tissue(kept, hub, geometry)
+        if added is not None:
+            added.update(counts)
     _fill_and_write(out[box], {k: m for k, m in kept.items() if m.any()}, axial_axis)
     return out
 
@@ -439,7 +442,8 @@ def _voxelwise(sub: npt.NDArray[Any], vw: npt.NDArray[np.bool_],
 def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
                        hu: npt.NDArray[Any] | None = None,
                        geometry: Geometry | None = None,
-                       enclosed: bool = True) -> npt.NDArray[np.uint8]:
+                       enclosed: bool = True,
+                       added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
     """Clean the network's right (1) / left (2) lung labels; holes enclosed in each axial
     slice are filled (vessels, nodules, tumour surrounded by lung), only into background,
     never over the other lung. ``axial_axis`` is the array axis across axial slices
@@ -487,10 +491,11 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
     4. With ``enclosed`` (default) and ``hu``: **soft tissue the lung closes around** is
        added to that lung (:func:`medseg.inference.enclosed.add_enclosed_tissue`): a tumour,
        consolidation or collapse against the chest wall or the mediastinum that the
-       network left out. Then holes are filled per axial slice.
+       network left out; ``added``, if given, receives the voxels it added per label.
+       Then holes are filled per axial slice.
     """
     if geometry is None:
         return _postprocess_by_label(labels, axial_axis)
     if hu is not None and hu.shape != labels.shape:
         raise ValueError(f"hu {hu.shape} and labels {labels.shape} differ in shape")
-    return _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed)
+    return _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed, added)
