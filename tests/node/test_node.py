@@ -186,8 +186,9 @@ def test_best_series_of_a_study_is_chosen(tmp_path: Path,
     ds.save_as(f, enforce_file_format=True)
     assert set(send_series(node.port, [*series_files(scout), *series_files(ct)])) == {0}
     wait_for("the study done", lambda: _done(node, study_uid))
+    # the node settles its series just after the batch records the study done
+    wait_for("the CT series settled", lambda: node.series()[uids(ct)[1]].status == "done")
     rows = node.series()
-    assert rows[uids(ct)[1]].status == "done"
     assert rows[uids(scout)[1]].status == "not_segmented"
     assert "localizer" in (rows[uids(scout)[1]].reason or "")
     node.close()
