@@ -27,8 +27,8 @@ import numpy.typing as npt
 
 from medseg.errors import GeometryError, PixelDataError
 
-__all__ = ["LPS_TO_RAS", "CTVolume", "Geometry", "VolumeMetadata", "from_canonical",
-           "to_canonical"]
+__all__ = ["LPS_TO_RAS", "CTVolume", "Geometry", "VolumeMetadata", "canonical_order",
+           "from_canonical", "to_canonical"]
 
 #: Flips x and y: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -307,11 +307,14 @@ class CTVolume:
 
 
 # -- the canonical (S, P, L) array frame ---------------------------------------------------
-def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """Array-axis permutation and flips taking ``volume.array`` (z, y, x) to canonical
-    (S, P, L) order: array axes towards world Superior, Posterior, Left (LPS), the radiological
-    frame; axis-aligned grids only (nearest axis for oblique ones)."""
-    d = volume.direction  # columns: world vectors of i, j, k
+def canonical_order(direction: npt.NDArray[np.float64]
+                    ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Array-axis permutation and flips taking a (z, y, x) array on a grid with this
+    ``direction`` (columns: world vectors of i, j, k) to canonical (S, P, L) order: array
+    axes towards world Superior, Posterior, Left (LPS), the radiological frame; axis-aligned
+    grids only (nearest axis for oblique ones). ``np.flip(np.transpose(a, perm), [axes
+    where flips])`` is a view: writing to it writes to ``a``."""
+    d = direction
     # array axes are (k, j, i) = index axes (2, 1, 0)
     world_of_array_axis = []
     sign = []
@@ -323,6 +326,11 @@ def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, 
     perm = tuple(world_of_array_axis.index(w) for w in (2, 1, 0))
     flips = tuple(not sign[p] for p in perm)
     return (int(perm[0]), int(perm[1]), int(perm[2])), (flips[0], flips[1], flips[2])
+
+
+def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """:func:`canonical_order` of ``volume``'s grid."""
+    return canonical_order(volume.direction)
 
 
 def to_canonical(volume: CTVolume, array: npt.NDArray[Any] | None = None

@@ -17,6 +17,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from medseg.inference.postprocess import bounding_box
+from medseg.volume import canonical_order
+
 if TYPE_CHECKING:
     from medseg.volume import Geometry
 
@@ -67,11 +70,11 @@ def _reach_both_ways(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool
     return np.asarray((nxt - idx <= k) & (idx - prv <= k))
 
 
-def _bbox(mask: npt.NDArray[np.bool_]) -> tuple[slice, slice, slice]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
-           for a in range(3)]
-    return (slice(int(idx[0][0]), int(idx[0][-1]) + 1), slice(int(idx[1][0]), int(idx[1][-1]) + 1),
-            slice(int(idx[2][0]), int(idx[2][-1]) + 1))
+def _shifted(pts: tuple[npt.NDArray[np.intp], ...], axis: int, d: int,
+             shape: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], ...]:
+    """Voxel indices ``pts`` moved by ``d`` along ``axis`` (clipped at the array's edge)."""
+    return tuple(np.clip(q + d, 0, n - 1) if a == axis else q
+                 for a, (q, n) in enumerate(zip(pts, shape, strict=True)))
 
 
 def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
@@ -136,8 +139,7 @@ def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     near_gas = np.zeros(pts[0].shape, bool)
     for axis in range(3):
         for d in (-1, 1):
-            nb = tuple(np.clip(p + d, 0, n - 1) if a == axis else p
-                       for a, (p, n) in enumerate(zip(pts, lung.shape, strict=True)))
+            nb = _shifted(pts, axis, d, lung.shape)
             near_gas |= (hu[nb] < GAS_HU) & ~any_lung[nb]
     box = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts)
     found[pts] = True
@@ -161,33 +163,17 @@ def _skin(found: npt.NDArray[np.bool_], lung: npt.NDArray[np.bool_],
     skin = np.zeros(found.shape, bool)
     if pts[0].size == 0:
         return skin
-
-    def moved(p: tuple[npt.NDArray[np.intp], ...], axis: int, d: int
-              ) -> tuple[npt.NDArray[np.intp], ...]:
-        return tuple(np.clip(q + d, 0, n - 1) if a == axis else q
-                     for a, (q, n) in enumerate(zip(p, found.shape, strict=True)))
-
     for axis in range(3):
         for d in (-1, 1):
-            nb = moved(pts, axis, d)
+            nb = _shifted(pts, axis, d, found.shape)
             ok = ~any_lung[nb] & ~found[nb] & (hu[nb] < SOFT_TISSUE_HU[1])
             cand = tuple(q[ok] for q in nb)
             by_lung = np.zeros(cand[0].shape, bool)
             for axis2 in range(3):
                 for d2 in (-1, 1):
-                    by_lung |= lung[moved(cand, axis2, d2)]
+                    by_lung |= lung[_shifted(cand, axis2, d2, found.shape)]
             skin[tuple(q[by_lung] for q in cand)] = True
     return skin
-
-
-def _canonical(direction: npt.NDArray[np.float64]
-               ) -> tuple[tuple[int, int, int], tuple[int, ...]]:
-    """Array-axis order and flips that view a (z, y, x) array as (S, P, L): axis 0 towards
-    superior, 1 posterior, 2 the patient's left (every storage gives the same view)."""
-    world = [int(np.argmax(np.abs(direction[:, 2 - a]))) for a in range(3)]  # per array axis
-    order = tuple(sorted(range(3), key=lambda a: -world[a]))
-    flips = tuple(i for i, a in enumerate(order) if direction[world[a], 2 - a] < 0)
-    return (order[0], order[1], order[2]), flips
 
 
 def add_enclosed_tissue(kept: dict[int, npt.NDArray[np.bool_]], hu: npt.NDArray[Any],
@@ -200,22 +186,23 @@ def add_enclosed_tissue(kept: dict[int, npt.NDArray[np.bool_]], hu: npt.NDArray[
     outside the lungs (more than :data:`GAS_CONTACT_FRACTION` of it). A voxel claimed by
     both lungs goes to neither. The work is done in the patient's frame, so the answer
     does not depend on how the study is stored. Returns the voxels added per label."""
-    order, flips = _canonical(geometry.direction)
+    order, flipped = canonical_order(geometry.direction)
+    flips = tuple(i for i, f in enumerate(flipped) if f)
     spacing_zyx = geometry.spacing[::-1]
     sp = (spacing_zyx[order[0]], spacing_zyx[order[1]], spacing_zyx[order[2]])
 
-    def view(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def view(a: npt.NDArray[Any]) -> npt.NDArray[Any]:  # a view: writes reach ``a``
         return np.flip(np.transpose(a, order), flips) if flips else np.transpose(a, order)
 
     any_lung = np.zeros(hu.shape, bool)
     for m in kept.values():
         any_lung |= m
     h, anyl = view(hu), view(any_lung)
-    found: dict[int, tuple[tuple[slice, slice, slice], npt.NDArray[np.bool_]]] = {}
+    found: dict[int, tuple[tuple[slice, ...], npt.NDArray[np.bool_]]] = {}
     for lab, mask in kept.items():
         m = view(mask)
-        if m.any():
-            box = _bbox(m)
+        box = bounding_box(m, margin=0)
+        if box is not None:
             found[lab] = (box, _enclosed_in(m[box], anyl[box], h[box], sp))
     claims = np.zeros(h.shape, np.uint8)
     for box, f in found.values():

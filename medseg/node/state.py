@@ -312,6 +312,7 @@ class NodeState:
             c.execute("UPDATE sends SET attempts = attempts + 1, last_error = ?, "
                       "next_try = ? WHERE study_id = ?", (error, next_try, study_id))
 
+
 def _series_row(r: sqlite3.Row) -> SeriesRow:
     data = dict(zip(r.keys(), tuple(r), strict=True))
     data["record"] = json.loads(data["record"])
