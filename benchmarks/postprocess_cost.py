@@ -1,12 +1,16 @@
-"""What rule 4 of the postprocessing (soft tissue a lung closes around, issue 12) costs:
-``postprocess_labels`` with and without it on the same raw labels, same process.
+"""What rule 4 (soft tissue a lung closes around) or rule 5 (lung cut by the image's
+border) of the postprocessing costs (issue 12): ``postprocess_labels`` with and without the
+rule on the same raw labels, same process.
 
-    python benchmarks/postprocess_cost.py [--input PATH] [--runs N]
+    python benchmarks/postprocess_cost.py [--input PATH | --real-ct NAME] [--rule 4|5]
+                                          [--runs N]
 
-Default input: ../shared/data/chest-ct-philips-141 (141 x 512 x 512). The shipped model
-segments once (raw labels, before postprocessing); then the postprocessing runs ``--runs``
-times each way, alternating; prints the CPU, the medians, the minima, and what rule 4 adds
-to the mask (mL).
+Default input: ../shared/data/chest-ct-philips-141 (141 x 512 x 512); ``--real-ct
+rider-pilot-0117`` (a study of ``../shared/data/real-ct``, extracted once into
+out/real-ct-cache) is one whose image border cuts a lung. The shipped model segments once
+(raw labels, before postprocessing); then the postprocessing runs ``--runs`` times each
+way, alternating; prints the CPU, the medians, the minima, and what the rule adds to the
+mask (mL).
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ from benchmarks.segment_before_after import cpu_name  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
+    ap.add_argument("--real-ct", default=None, help="a study of real-ct/ by name")
+    ap.add_argument("--rule", type=int, choices=(4, 5), default=4)
     ap.add_argument("--runs", type=int, default=6)
     args = ap.parse_args(argv)
+    if args.real_ct:
+        from medseg.train.realct import real_ct_path
+
+        args.input = real_ct_path(SHARED, args.real_ct, ROOT / "out" / "real-ct-cache")
+    flag = "enclosed" if args.rule == 4 else "image_edge"
 
     import numpy as np
 
@@ -44,19 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[bool, list[float]] = {False: [], True: []}
     out: dict[bool, np.ndarray] = {}
     for _ in range(args.runs):
-        for enclosed in (False, True):
+        for on in (False, True):
             t0 = time.perf_counter()
-            out[enclosed] = postprocess_labels(raw, image.axial_axis(), hu=image.array,
-                                               geometry=image.geometry, enclosed=enclosed)
-            times[enclosed].append(time.perf_counter() - t0)
+            out[on] = postprocess_labels(raw, image.axial_axis(), hu=image.array,
+                                         geometry=image.geometry, **{flag: on})
+            times[on].append(time.perf_counter() - t0)
     added = np.count_nonzero((out[True] > 0) & (out[False] == 0)) * image.voxel_volume_ml()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores)")
     print(f"input: {args.input} {image.shape}")
-    for enclosed, name in ((False, "rules 1-3"), (True, "with rule 4")):
-        t = times[enclosed]
+    for on, name in ((False, f"without rule {args.rule}"), (True, f"with rule {args.rule}")):
+        t = times[on]
         print(f"postprocessing, {name}: median {statistics.median(t):.3f} s, "
               f"min {min(t):.3f} s over {len(t)} runs")
-    print(f"rule 4 adds {statistics.median(times[True]) - statistics.median(times[False]):.3f}"
+    print(f"rule {args.rule} adds "
+          f"{statistics.median(times[True]) - statistics.median(times[False]):.3f}"
           f" s (medians) and {added:.1f} mL of lung")
     return 0
 

@@ -72,9 +72,11 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)
     #: The quality verdict (:meth:`medseg.qc.QCResult.to_dict`), None when QC was not run.
     qc: dict[str, Any] | None = None
-    #: What the postprocessing changed that a reader should know: ``enclosed_tissue_ml``,
-    #: soft tissue a lung closes around put back into it (rule 4, a lesion the network left
-    #: out), per lung. None for the threshold method.
+    #: What the postprocessing changed that a reader should know, per lung (mL):
+    #: ``enclosed_tissue_ml``, soft tissue a lung closes around put back into it (rule 4, a
+    #: lesion the network left out); ``image_edge_lung_ml``, aerated lung along a cut by the
+    #: image's border that the network took for outside air (rule 5). None for the
+    #: threshold method.
     postprocess: dict[str, Any] | None = None
 
     def volumes_ml(self) -> dict[str, float]:
@@ -154,12 +156,16 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
         added: dict[int, int] = {}
+        edge_added: dict[int, int] = {}
         labels = postprocess_labels(raw, volume.axial_axis(), hu=volume.array,
-                                    geometry=volume.geometry, added=added)
+                                    geometry=volume.geometry, added=added,
+                                    edge_added=edge_added)
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
         vml = volume.voxel_volume_ml()
-        post = {"enclosed_tissue_ml": {"right": round(added.get(LABEL_RIGHT, 0) * vml, 1),
-                                       "left": round(added.get(LABEL_LEFT, 0) * vml, 1)}}
+        post = {key: {"right": round(counts.get(LABEL_RIGHT, 0) * vml, 1),
+                      "left": round(counts.get(LABEL_LEFT, 0) * vml, 1)}
+                for key, counts in (("enclosed_tissue_ml", added),
+                                    ("image_edge_lung_ml", edge_added))}
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
                       "architecture": loaded.spec.to_dict(), "device": settings.device}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)

@@ -443,7 +443,9 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
                        hu: npt.NDArray[Any] | None = None,
                        geometry: Geometry | None = None,
                        enclosed: bool = True,
-                       added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
+                       added: dict[int, int] | None = None,
+                       image_edge: bool = True,
+                       edge_added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
     """Clean the network's right (1) / left (2) lung labels; holes enclosed in each axial
     slice are filled (vessels, nodules, tumour surrounded by lung), only into background,
     never over the other lung. ``axial_axis`` is the array axis across axial slices
@@ -493,9 +495,21 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
        consolidation or collapse against the chest wall or the mediastinum that the
        network left out; ``added``, if given, receives the voxels it added per label.
        Then holes are filled per axial slice.
+    5. With ``image_edge`` (default) and ``hu``: **lung cut by the image's edge**
+       (:func:`medseg.inference.image_edge.add_lung_at_image_edge`): where the border of the
+       image matrix cuts a lung, the aerated lung along the cut that the network took for
+       outside air is added to the lung it touches; ``edge_added``, if given, receives the
+       voxels added per label.
     """
     if geometry is None:
         return _postprocess_by_label(labels, axial_axis)
     if hu is not None and hu.shape != labels.shape:
         raise ValueError(f"hu {hu.shape} and labels {labels.shape} differ in shape")
-    return _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed, added)
+    out = _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed, added)
+    if hu is not None and image_edge:
+        from medseg.inference.image_edge import add_lung_at_image_edge
+
+        counts = add_lung_at_image_edge(out, hu, geometry)
+        if edge_added is not None:
+            edge_added.update(counts)
+    return out

@@ -44,8 +44,8 @@ from medseg.train.lesions import from_canonical, insert_effusion, insert_lesion,
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
 
-__all__ = ["NoduleRoi", "RobustnessRow", "crop_volume", "hemithorax_crop", "nodule_mask",
-           "parse_lidc_xml", "rows_markdown", "run_robustness", "slab_crop",
+__all__ = ["NoduleRoi", "RobustnessRow", "crop_volume", "hemithorax_crop", "lateral_crop",
+           "nodule_mask", "parse_lidc_xml", "rows_markdown", "run_robustness", "slab_crop",
            "totalseg_reference"]
 
 #: Lesions inserted in each LIDC copy: (kind, anchor, side, diameter mm); fixed.
@@ -289,6 +289,28 @@ def hemithorax_crop(volume: CTVolume, side: int) -> tuple[CTVolume, tuple[slice,
     low_is_right = sign > 0
     want_low = (side == 1) == low_is_right
     sl = slice(0, cut) if want_low else slice(cut, n)
+    box: list[slice] = [slice(None)] * 3
+    box[ax] = sl
+    b = (box[0], box[1], box[2])
+    return crop_volume(volume, b), b
+
+
+def lateral_crop(volume: CTVolume, lung: npt.NDArray[np.bool_], depth_mm: float = 20.0
+                 ) -> tuple[CTVolume, tuple[slice, ...]]:
+    """The image matrix cut ``depth_mm`` inside the lateral edge of ``lung`` (one lung's
+    mask on ``volume``'s grid), as a reconstruction with a tight field of view cuts a
+    large patient: that lung then runs into the image's border. The cropped volume and the
+    box used."""
+    ax, _ = _world_x_axis(volume)
+    idx = np.argwhere(lung)[:, ax]
+    body_idx = np.argwhere(body_mask(volume))[:, ax]
+    step = round(depth_mm / volume.spacing[2 - ax])
+    n = volume.shape[ax]
+    # the lung's lateral edge: the end of its index range farther from the body's centre
+    if abs(idx.min() - body_idx.mean()) > abs(idx.max() - body_idx.mean()):
+        sl = slice(min(n - 1, int(idx.min()) + step), n)
+    else:
+        sl = slice(0, max(1, int(idx.max()) + 1 - step))
     box: list[slice] = [slice(None)] * 3
     box[ax] = sl
     b = (box[0], box[1], box[2])
@@ -558,7 +580,9 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     t0 = time.perf_counter()
     crops = [("right hemithorax", *hemithorax_crop(lidc, 1)),
              ("left hemithorax", *hemithorax_crop(lidc, 2)),
-             ("apex 40 %", *slab_crop(lidc, "apex")), ("base 40 %", *slab_crop(lidc, "base"))]
+             ("apex 40 %", *slab_crop(lidc, "apex")), ("base 40 %", *slab_crop(lidc, "base")),
+             ("matrix cuts the right lung 20 mm", *lateral_crop(lidc, ref == 1)),
+             ("matrix cuts the left lung 20 mm", *lateral_crop(lidc, ref == 2))]
     for name, vol, box in crops:
         r = ref[box]
         pred = seg(vol)

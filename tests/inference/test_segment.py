@@ -117,8 +117,9 @@ def test_outputs_and_determinism(tmp_path: Path) -> None:
     assert summary["model"]["sha256"] == "random"
     assert summary["input"]["shape_zyx"] == [24, 64, 64]
     assert set(summary["volumes_ml"]) == {"right", "left", "total"}
-    added = summary["postprocess"]["enclosed_tissue_ml"]
-    assert set(added) == {"right", "left"} and min(added.values()) >= 0
+    for key in ("enclosed_tissue_ml", "image_edge_lung_ml"):
+        added = summary["postprocess"][key]
+        assert set(added) == {"right", "left"} and min(added.values()) >= 0
     assert summary["timings_s"]["total"] > 0
     assert a.summary["volumes_ml"] == b.summary["volumes_ml"]
 
