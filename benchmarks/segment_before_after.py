@@ -2,13 +2,16 @@
 
 Usage:
     python benchmarks/segment_before_after.py [--base COMMIT] [--runs N] [--input PATH]
+                                              [--method unet|threshold] [--info]
 
 The earlier commit is checked out into a temporary ``git worktree``; each tree runs
 ``python -m medseg.cli segment INPUT -o OUT`` as a user types it (cold: imports, model
 loading, reading, segmentation, postprocessing, report, DICOM SEG and SR), alternating
 between the trees so that load on the machine hits both alike. Prints each run, the medians
 and the ratio. Default input: ../shared/data/chest-ct-philips-141; default base: the last
-commit before lung2d-v2 (adcdefd).
+commit before lung2d-v2 (adcdefd). ``--method threshold`` times ``segment --method
+threshold`` (no network); ``--info`` times ``medseg info INPUT`` instead (start-up and reading
+the headers and pixels).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(tree: Path, src: Path, out: Path) -> float:
+def run(tree: Path, src: Path, out: Path, method: str = "unet", info: bool = False) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = ["info", str(src)] if info else ["segment", str(src), "-o", str(out), "--method",
+                                           method]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out)],
-                   check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "medseg.cli", *cmd], check=True, env=env, cwd=tree,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -51,8 +55,11 @@ def main() -> int:
     ap.add_argument("--base", default="adcdefd", help="earlier commit to compare against")
     ap.add_argument("--runs", type=int, default=3, help="runs per tree (alternating)")
     ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
+    ap.add_argument("--method", choices=("unet", "threshold"), default="unet")
+    ap.add_argument("--info", action="store_true", help="time `medseg info INPUT` instead")
     args = ap.parse_args()
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; input {args.input}")
+    what = "medseg info" if args.info else f"medseg segment --method {args.method}"
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {what} {args.input}")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base],
@@ -61,7 +68,8 @@ def main() -> int:
             times: dict[str, list[float]] = {"base": [], "this": []}
             for r in range(args.runs):
                 for name, tree in (("base", base), ("this", ROOT)):
-                    t = run(tree, args.input, Path(tmp) / f"{name}{r}")
+                    t = run(tree, args.input, Path(tmp) / f"{name}{r}", args.method,
+                            args.info)
                     times[name].append(t)
                     print(f"run {r + 1} {name:4s} {t:6.2f} s", flush=True)
         finally:

@@ -101,7 +101,7 @@ def check_input(volume: CTVolume) -> list[str]:
     """Refuse what cannot be segmented (not CT, not HU, no body: a medseg error naming the
     input); returns the warnings for what can, with reservations. ``segment`` runs it first,
     ``medseg info`` too."""
-    from medseg.preprocess import check_hounsfield
+    from medseg.hounsfield import check_hounsfield
 
     modality = volume.metadata.modality
     if modality is not None and modality.upper() != "CT":

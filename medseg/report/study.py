@@ -26,8 +26,10 @@ The report holds no timestamps or timings, so the same inputs give the same byte
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,18 @@ def _input_entry(volume: CTVolume) -> dict[str, Any]:
             "series_instance_uid": md.series_instance_uid, **input_checksums(volume)}
 
 
+def _torch_version() -> str | None:
+    """torch's version without importing it (seconds in a fresh process, and a report of
+    the threshold method does not otherwise need torch)."""
+    loaded = sys.modules.get("torch")
+    if loaded is not None:
+        return str(loaded.__version__)
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
                  method: str | None = None, model: dict[str, Any] | None = None,
                  reference: CTVolume | None = None, warnings: list[str] | None = None,
@@ -89,8 +103,6 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
     mask; see :mod:`medseg.evaluate.labels`), and a value it does not name is an
     :class:`~medseg.errors.InputError`. How the reference was read goes into the warnings
     when it changes what is scored (only "lung" for a one-label reference)."""
-    import torch
-
     q = quantify(image, labels)
     metrics = None
     notes: list[str] = []
@@ -113,7 +125,7 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
         "schema_version": SCHEMA_VERSION,
         "study_id": study_id,
         "provenance": {"medseg_version": __version__, "python": platform.python_version(),
-                       "numpy": np.__version__, "torch": torch.__version__},
+                       "numpy": np.__version__, "torch": _torch_version()},
         "inputs": {"image": _input_entry(image),
                    "reference": _input_entry(reference) if reference is not None else None},
         "parameters": {"method": method,
