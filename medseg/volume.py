@@ -19,6 +19,7 @@ The world position of voxel ``(i, j, k)`` is ``origin + direction @ (spacing * (
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy.typing as npt
 from medseg.errors import GeometryError, PixelDataError
 
 __all__ = ["LPS_TO_RAS", "CTVolume", "Geometry", "VolumeMetadata", "canonical_order",
-           "from_canonical", "to_canonical"]
+           "canonical_view", "from_canonical", "to_canonical"]
 
 #: Flips x and y: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -326,6 +327,24 @@ def canonical_order(direction: npt.NDArray[np.float64]
     perm = tuple(world_of_array_axis.index(w) for w in (2, 1, 0))
     flips = tuple(not sign[p] for p in perm)
     return (int(perm[0]), int(perm[1]), int(perm[2])), (flips[0], flips[1], flips[2])
+
+
+def canonical_view(geometry: Geometry
+                   ) -> tuple[Callable[[npt.NDArray[Any]], npt.NDArray[Any]],
+                              tuple[float, float, float]]:
+    """A function giving any (z, y, x) array on ``geometry``'s grid in canonical (S, P, L)
+    order as a *view* (writing to it writes to the array), and the voxel spacing (mm) along
+    those three axes."""
+    order, flipped = canonical_order(geometry.direction)
+    flips = tuple(i for i, f in enumerate(flipped) if f)
+    spacing_zyx = geometry.spacing[::-1]
+    sp = (float(spacing_zyx[order[0]]), float(spacing_zyx[order[1]]),
+          float(spacing_zyx[order[2]]))
+
+    def view(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.flip(np.transpose(a, order), flips) if flips else np.transpose(a, order)
+
+    return view, sp
 
 
 def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.inference.postprocess import bounding_box
-from medseg.volume import canonical_order
+from medseg.volume import canonical_view
 
 if TYPE_CHECKING:
     from medseg.volume import Geometry
@@ -186,13 +186,7 @@ def add_enclosed_tissue(kept: dict[int, npt.NDArray[np.bool_]], hu: npt.NDArray[
     outside the lungs (more than :data:`GAS_CONTACT_FRACTION` of it). A voxel claimed by
     both lungs goes to neither. The work is done in the patient's frame, so the answer
     does not depend on how the study is stored. Returns the voxels added per label."""
-    order, flipped = canonical_order(geometry.direction)
-    flips = tuple(i for i, f in enumerate(flipped) if f)
-    spacing_zyx = geometry.spacing[::-1]
-    sp = (spacing_zyx[order[0]], spacing_zyx[order[1]], spacing_zyx[order[2]])
-
-    def view(a: npt.NDArray[Any]) -> npt.NDArray[Any]:  # a view: writes reach ``a``
-        return np.flip(np.transpose(a, order), flips) if flips else np.transpose(a, order)
+    view, sp = canonical_view(geometry)  # views: writes reach the arrays
 
     any_lung = np.zeros(hu.shape, bool)
     for m in kept.values():

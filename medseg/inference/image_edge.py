@@ -28,7 +28,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.inference.threshold import outside_air
-from medseg.volume import canonical_order
+from medseg.volume import canonical_view
 
 if TYPE_CHECKING:
     from medseg.volume import Geometry
@@ -101,13 +101,7 @@ def add_lung_at_image_edge(labels: npt.NDArray[np.uint8], hu: npt.NDArray[Any],
     the module's docstring); its holes in each axial slice (vessels) are filled. A piece
     goes to the lung it touches most. Done in the patient's frame, so the answer does not
     depend on how the study is stored. Returns the voxels added per label."""
-    order, flipped = canonical_order(geometry.direction)
-    flips = tuple(i for i, f in enumerate(flipped) if f)
-    spacing_zyx = geometry.spacing[::-1]
-    sp = (spacing_zyx[order[0]], spacing_zyx[order[1]], spacing_zyx[order[2]])
-
-    def view(a: npt.NDArray[Any]) -> npt.NDArray[Any]:  # a view: writes reach ``a``
-        return np.flip(np.transpose(a, order), flips) if flips else np.transpose(a, order)
+    view, sp = canonical_view(geometry)  # views: writes reach the arrays
 
     h, lab = view(hu), view(labels)
     if h.shape[1] < 3 or h.shape[2] < 3 or not (lab > 0).any():
