@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.inference.enclosed import MIN_PIECE_ML
-from tests.inference.test_postprocess_anatomy import Chest
+from tests.inference.test_postprocess_anatomy import STORAGES, Chest
 
 #: Right lung centre (x, y, z) and radii (mm) of :func:`_chest` (mid_x 30).
 RIGHT = (-35.0, -5.0, 0.0)
@@ -126,11 +126,7 @@ def test_specks_are_not_added() -> None:
     np.testing.assert_array_equal(out[speck], 0)
 
 
-@pytest.mark.parametrize(("perm", "flips"), [
-    ((0, 1, 2), (True, False, False)),   # axial, top-down
-    ((0, 2, 1), (False, True, True)),    # coronal slices
-    ((2, 0, 1), (True, True, False)),    # sagittal slices
-])
+@pytest.mark.parametrize(("perm", "flips"), STORAGES)
 def test_same_answer_whatever_the_storage(perm: tuple[int, int, int],
                                           flips: tuple[bool, bool, bool]) -> None:
     c = _chest()

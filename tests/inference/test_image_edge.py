@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.inference.image_edge import add_lung_at_image_edge
-from tests.inference.test_postprocess_anatomy import Chest
+from tests.inference.test_postprocess_anatomy import STORAGES, Chest
 
 #: The image's first column lies 10 mm inside the right lung (which spans x -80 .. -20).
 CUT_X = -70.0
@@ -78,11 +78,7 @@ def test_air_at_the_cut_is_not_lung() -> None:
     assert not (out[band] > 0).any()
 
 
-@pytest.mark.parametrize(("perm", "flips"), [
-    ((0, 1, 2), (True, False, False)),   # axial, top-down
-    ((0, 2, 1), (False, True, True)),    # coronal slices
-    ((2, 0, 1), (True, True, False)),    # sagittal slices
-])
+@pytest.mark.parametrize(("perm", "flips"), STORAGES)
 def test_same_answer_whatever_the_storage(perm: tuple[int, int, int],
                                           flips: tuple[bool, bool, bool]) -> None:
     c, _ = _cut_chest()

@@ -14,6 +14,12 @@ from medseg.volume import CTVolume, Geometry
 from tests.helpers import labels_on_grid, reindex
 
 SPACING = (2.0, 2.0, 4.0)  # x, y, z mm: a voxel is 0.016 mL
+#: Other storage orders of the same axial study, as (perm, flips) for :meth:`Chest.run_stored`.
+STORAGES = [
+    ((0, 1, 2), (True, False, False)),   # axial, top-down
+    ((0, 2, 1), (False, True, True)),    # coronal slices
+    ((2, 0, 1), (True, True, False)),    # sagittal slices
+]
 
 
 class Chest:
