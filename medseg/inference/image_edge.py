@@ -4,7 +4,7 @@ A reconstruction whose display field of view is smaller than the chest (a tight 
 view, a large patient) cuts the lungs at the edge of the image matrix: the lung's aerated
 tissue runs to the last column. A network that sees air connected to the image's border
 calls it outside air, as it nearly always is; lung2d-v2 leaves out a band of lung along the
-cut (RIDER-0117: about 27 mL of the right lung lateral to the liver, where the matrix cuts
+cut (RIDER-0117: 38 mL of the right lung lateral to the liver, where the matrix cuts
 the lung, with network probabilities under 0.01). :func:`add_lung_at_image_edge` puts
 such lung back.
 
