@@ -18,6 +18,7 @@ The world position of voxel ``(i, j, k)`` is ``origin + direction @ (spacing * (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,10 @@ class VolumeMetadata:
     corrections: list[str] = field(default_factory=list)
     #: Things a user should know that did not stop loading.
     warnings: list[str] = field(default_factory=list)
+    #: The DICOM header (pydicom Dataset, pixel data not read) of each source file, by path,
+    #: as the loader read them (DICOM sources only; in memory, never written out): the DICOM
+    #: SEG writer reuses them instead of reading every file again.
+    source_headers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> VolumeMetadata:
         return dataclasses.replace(
@@ -187,7 +192,8 @@ class VolumeMetadata:
 
     def summary(self, *, show_phi: bool = False) -> dict[str, Any]:
         """A JSON-ready dict; patient name and ID only with ``show_phi``."""
-        out = dataclasses.asdict(self)
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != "source_headers"}
         out.pop("sop_instance_uids")
         out.pop("source_files")
         out["n_source_files"] = len(set(self.source_files))

@@ -216,8 +216,9 @@ def read_source_planes(image: CTVolume) -> tuple[list[Dataset], list[SourcePlane
                           f"volume came from {md.source_format or 'an unknown source'}",
                           path=md.source_path)
     paths = list(dict.fromkeys(md.source_files))
+    cached = md.source_headers  # what the loader read (in memory), else read again
     with ThreadPoolExecutor(_MAX_READERS) as pool:
-        headers = list(pool.map(_read_header, paths))
+        headers = list(pool.map(lambda p: cached[p] if p in cached else _read_header(p), paths))
     for ds in headers:
         # Type 2 patient/study attributes the SEG must carry; some scanners (and anonymisers)
         # leave them out, which DICOM allows to be written empty.

@@ -124,6 +124,7 @@ def scan_dicom(path: str | Path, *, series_uid: str | None = None) -> DicomScan:
         if uid not in by_uid:
             by_uid[uid] = SeriesInfo(series_uid=uid, **fields)
         by_uid[uid].frames.extend(frames)
+        by_uid[uid].headers[str(fpath)] = ds
 
     series: list[SeriesInfo] = []
     for s in by_uid.values():

@@ -67,6 +67,8 @@ def load_series(s: SeriesInfo) -> CTVolume:
         source_format="dicom",
         source_path=os.path.commonpath(s.files),
         source_files=tuple(f.path for f in frames),
+        source_headers={p: s.headers[p] for p in dict.fromkeys(f.path for f in frames)
+                        if p in s.headers},
         corrections=[*padding_corrections, *plan.corrections],
     )
     return CTVolume(array, geometry, meta)

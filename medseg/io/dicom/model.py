@@ -213,6 +213,9 @@ class SeriesInfo:
     patient_name: str | None = None
     gantry_tilt_tag: float | None = None
     frames: list[FrameRecord] = field(default_factory=list)
+    #: The header of each file (pixel data not read), by path: the DICOM SEG writer reuses
+    #: them instead of reading every file again.
+    headers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Why this series cannot be loaded (None: it can). ``error_type`` is the exception.
     problem: str | None = None
     error_type: type[InputError] = InputError
