@@ -88,7 +88,12 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     # slice spacing of the oriented volume (its third axis) sets the context step
     step = spec.context_step(float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2])))
     reach = ctx * step
-    labels_oriented = torch.zeros(tuple(oriented.shape[1:]), dtype=torch.uint8)
+    # Held as (K, J, I) in memory and used through an (I, J, K) view: when the orientation
+    # is the identity (an axial LPS study, the common case) the output's (z, y, x) array
+    # below is then this memory as it is, not a transposing copy of every voxel (0.3-0.4 s
+    # for 141 x 512 x 512).
+    i_n, j_n = int(oriented.shape[1]), int(oriented.shape[2])
+    labels_oriented = torch.zeros((n_slices, j_n, i_n), dtype=torch.uint8).permute(2, 1, 0)
     pre = slab_transform(pixel_spacing_mm=spec.pixel_spacing_mm)
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     network = _on_device(model, settings.device)
