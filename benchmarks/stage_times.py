@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=None, help="earlier commit to compare against")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.json:  # the child run of --base: one JSON line
-        print(json.dumps(measure(args.input, args.runs)))
+    if args.json:  # the child run of --base: one JSON line, and which medseg it ran
+        import medseg
+
+        print(json.dumps({**measure(args.input, args.runs), "medseg": medseg.__file__}))
         return 0
     from benchmarks.segment_before_after import cpu_name
 
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                                       str(args.input), "--runs", str(args.runs)],
                                      cwd=base, env=env, check=True, capture_output=True,
                                      text=True)
-                tables[f"base {args.base}"] = json.loads(out.stdout.strip().splitlines()[-1])
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                if not str(result.pop("medseg")).startswith(str(base)):
+                    raise SystemExit("the base run did not import the base tree's medseg")
+                tables[f"base {args.base}"] = result
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
                                check=False)
@@ -93,5 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    # appended, not prepended: the --base child must import medseg from its PYTHONPATH
+    sys.path.append(str(ROOT))
     raise SystemExit(main())
