@@ -57,7 +57,6 @@ HU_MAX = 600.0
 MODEL_PIXEL_SPACING_MM = 2.0
 
 
-
 def to_metatensor(volume: CTVolume, array: npt.NDArray[Any] | None = None) -> MetaTensor:
     """Channel-first MetaTensor ``(1, i, j, k)`` with the volume's RAS affine (MONAI's
     convention). ``array`` replaces the voxels (same grid)."""
@@ -93,5 +92,3 @@ def slab_transform(keys: str = "image", pixel_spacing_mm: float = MODEL_PIXEL_SP
         ScaleIntensityRanged(keys=keys, a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0,
                              clip=True),
     ])
-
-

@@ -361,14 +361,8 @@ def _canonical_ops(volume: CTVolume) -> tuple[tuple[int, int, int], tuple[bool, 
 def to_canonical(volume: CTVolume, array: npt.NDArray[Any] | None = None
                  ) -> tuple[npt.NDArray[Any], tuple[float, float, float]]:
     """``array`` (default ``volume.array``) in canonical (S, P, L) order, and its spacing."""
-    arr = volume.array if array is None else array
-    perm, flips = _canonical_ops(volume)
-    out = np.transpose(arr, perm)
-    for ax, f in enumerate(flips):
-        if f:
-            out = np.flip(out, ax)
-    sp = volume.spacing[::-1]  # (z, y, x) array order
-    return np.ascontiguousarray(out), (sp[perm[0]], sp[perm[1]], sp[perm[2]])
+    view, sp = canonical_view(volume.geometry)
+    return np.ascontiguousarray(view(volume.array if array is None else array)), sp
 
 
 def from_canonical(volume: CTVolume, canonical: npt.NDArray[Any]) -> npt.NDArray[Any]:
