@@ -1,9 +1,10 @@
-"""What rule 4 (soft tissue a lung closes around) or rule 5 (lung cut by the image's
-border) of the postprocessing costs (issue 12): ``postprocess_labels`` with and without the
-rule on the same raw labels, same process.
+"""What rule 4 (soft tissue a lung closes around), rule 5 (lung cut by the image's
+border) or rule 2's skin test (air against the skin, ``--rule skin``) of the postprocessing
+costs (issue 12): ``postprocess_labels`` with and without the rule on the same raw labels,
+same process.
 
-    python benchmarks/postprocess_cost.py [--input PATH | --real-ct NAME] [--rule 4|5]
-                                          [--runs N]
+    python benchmarks/postprocess_cost.py [--input PATH | --real-ct NAME]
+                                          [--rule 4|5|skin] [--runs N]
 
 Default input: ../shared/data/chest-ct-philips-141 (141 x 512 x 512); ``--real-ct
 rider-pilot-0117`` (a study of ``../shared/data/real-ct``, extracted once into
@@ -33,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
     ap.add_argument("--real-ct", default=None, help="a study of real-ct/ by name")
-    ap.add_argument("--rule", type=int, choices=(4, 5), default=4)
+    ap.add_argument("--rule", choices=("4", "5", "skin"), default="4")
     ap.add_argument("--runs", type=int, default=6)
     args = ap.parse_args(argv)
     if args.real_ct:
         from medseg.train.realct import real_ct_path
 
         args.input = real_ct_path(SHARED, args.real_ct, ROOT / "out" / "real-ct-cache")
-    flag = "enclosed" if args.rule == 4 else "image_edge"
+    flag = {"4": "enclosed", "5": "image_edge", "skin": "at_skin"}[args.rule]
 
     import numpy as np
 
@@ -60,16 +61,18 @@ def main(argv: list[str] | None = None) -> int:
             out[on] = postprocess_labels(raw, image.axial_axis(), hu=image.array,
                                          geometry=image.geometry, **{flag: on})
             times[on].append(time.perf_counter() - t0)
-    added = np.count_nonzero((out[True] > 0) & (out[False] == 0)) * image.voxel_volume_ml()
+    vml = image.voxel_volume_ml()
+    added = np.count_nonzero((out[True] > 0) & (out[False] == 0)) * vml
+    removed = np.count_nonzero((out[True] == 0) & (out[False] > 0)) * vml
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores)")
     print(f"input: {args.input} {image.shape}")
     for on, name in ((False, f"without rule {args.rule}"), (True, f"with rule {args.rule}")):
         t = times[on]
         print(f"postprocessing, {name}: median {statistics.median(t):.3f} s, "
               f"min {min(t):.3f} s over {len(t)} runs")
-    print(f"rule {args.rule} adds "
+    print(f"rule {args.rule} costs "
           f"{statistics.median(times[True]) - statistics.median(times[False]):.3f}"
-          f" s (medians) and {added:.1f} mL of lung")
+          f" s (medians); adds {added:.1f} mL of lung, removes {removed:.1f} mL")
     return 0
 
 

@@ -6,6 +6,7 @@ Works inside the labels' bounding box, so the cost follows the lungs, not the vo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +43,19 @@ LUNG_MEDIAN_HU = (-960.0, -700.0)
 #: not labelled lung lies in air, outside the body (1.00 for the pockets between the back
 #: and the table in chest-ct-philips-141; 0.04-0.10 for lungs and bowel gas).
 AIR_SHELL_FRACTION = 0.5
+#: Air outside the body hugging the skin, under a mattress cover or a blanket, is not
+#: enclosed by gas on all sides (the shell rule above misses it). A component (under
+#: :data:`SURE_LUNG_ML`) is dropped when at least :data:`AT_SKIN_FRACTION` of its voxels lie
+#: within this in-plane distance (mm) of outside air (gas not labelled lung that reaches the
+#: image's side borders): the strip of air between the back and the table cushion that the
+#: network labelled right lung in the abdominal totalseg example lies 6 mm from it (median;
+#: 99 % within 10 mm), real lungs and lung bases 32-96 mm (median; at most 6 % of a lung's
+#: voxels within 10 mm, RIDER's lung cut by the image border). Chest wall (skin, fat, muscle,
+#: ribs, pleura) keeps a lung further than 10 mm from the skin.
+SKIN_DEPTH_MM = 10.0
+AT_SKIN_FRACTION = 0.5
+#: Outside air is found on a grid subsampled in plane to about this step (mm).
+SKIN_SAMPLE_MM = 2.0
 #: A component that looks like lung by its HU is still tested by the "under" rule when it
 #: is smaller than this (mL): the part of a lung that a lesion cuts off is a lobe or a
 #: segment (hundreds of mL); a small lung-looking pocket under a lung is bowel gas mixed
@@ -223,6 +237,67 @@ def _shell_gas_fraction(hu: npt.NDArray[Any], union: npt.NDArray[np.bool_],
     return float(np.count_nonzero(gas & shell) / np.count_nonzero(shell))
 
 
+def _at_skin_fractions(hu: npt.NDArray[Any], lungs: npt.NDArray[np.bool_],
+                       comp: npt.NDArray[np.int32], box: tuple[slice, ...],
+                       objects: Sequence[tuple[slice, ...] | None], candidates: list[int],
+                       geometry: Geometry, axial_axis: int) -> dict[int, float]:
+    """Per candidate component: the fraction of its voxels within :data:`SKIN_DEPTH_MM` (in
+    plane) of outside air: gas (below :data:`BODY_MIN_HU`) not labelled lung, 3D-connected to
+    the image's side borders, over the candidates' axial range. On a grid subsampled in
+    plane to about :data:`SKIN_SAMPLE_MM`; each distance map covers only a candidate's box
+    grown by the depth (farther air cannot be within it). ``comp`` is in ``box``'s frame,
+    ``hu`` and ``lungs`` on the whole grid."""
+    if not candidates:
+        return {}
+    spacing = np.asarray(geometry.spacing, float)[::-1]   # per array axis
+    step = [1 if a == axial_axis else max(1, int(SKIN_SAMPLE_MM // spacing[a]))
+            for a in range(3)]
+    grow = [0 if a == axial_axis else int(np.ceil(SKIN_DEPTH_MM / spacing[a]))
+            for a in range(3)]
+    starts = [s.start for s in box]
+    lo_ax = min(starts[axial_axis] + objects[c - 1][axial_axis].start  # type: ignore[index]
+                for c in candidates)
+    hi_ax = max(starts[axial_axis] + objects[c - 1][axial_axis].stop  # type: ignore[index]
+                for c in candidates)
+    sl = [slice(0, n, st) for n, st in zip(hu.shape, step, strict=True)]
+    sl[axial_axis] = slice(lo_ax, hi_ax)
+    free = (hu[tuple(sl)] < BODY_MIN_HU) & ~lungs[tuple(sl)]
+    lab, n = ndimage.label(free)
+    faces = [np.take(lab, i, axis=a).ravel() for a in range(3) if a != axial_axis
+             for i in (0, -1)]
+    border = np.zeros(n + 1, bool)
+    border[np.concatenate(faces)] = True
+    border[0] = False
+    outside = border[lab]
+    origin = [s.start for s in sl]   # full-grid index of the sampled grid's 0
+    sampling = [1e6 if a == axial_axis else spacing[a] * step[a] for a in range(3)]
+    fractions: dict[int, float] = {}
+    for c in candidates:
+        obj = objects[c - 1]
+        assert obj is not None
+        full = [(starts[a] + obj[a].start - grow[a], starts[a] + obj[a].stop + grow[a])
+                for a in range(3)]
+        # the sampled positions inside that range, as sampled-grid indices
+        rng = [(max(0, -(-(lo - origin[a]) // step[a])),
+                min(outside.shape[a], -(-(hi - origin[a]) // step[a])))
+               for a, (lo, hi) in enumerate(full)]
+        region = tuple(slice(a0, a1) for a0, a1 in rng)
+        air = outside[region]
+        idx = [np.arange(a0, a1) * step[a] + origin[a] - starts[a]
+               for a, (a0, a1) in enumerate(rng)]
+        inside = [(i >= 0) & (i < comp.shape[a]) for a, i in enumerate(idx)]
+        mine = np.zeros(air.shape, bool)
+        if air.any() and all(m.any() for m in inside):
+            sub = comp[np.ix_(*(i[m] for i, m in zip(idx, inside, strict=True)))]
+            mine[np.ix_(*inside)] = sub == c
+        if not mine.any():
+            fractions[c] = 0.0
+            continue
+        dist = ndimage.distance_transform_edt(~air, sampling=sampling)
+        fractions[c] = float(np.mean(dist[mine] <= SKIN_DEPTH_MM))
+    return fractions
+
+
 def _under_fraction(comp: npt.NDArray[np.int32], alive: npt.NDArray[np.bool_],
                     where: tuple[slice, ...], c: int, axial_axis: int,
                     superior_up: bool) -> float:
@@ -314,7 +389,8 @@ def _right_counts(comp: npt.NDArray[np.int32], n: int, box: tuple[slice, ...],
 def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
                             hu: npt.NDArray[Any] | None,
                             geometry: Geometry, enclosed: bool = True,
-                            added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
+                            added: dict[int, int] | None = None,
+                            at_skin: bool = True) -> npt.NDArray[np.uint8]:
     out = np.zeros(labels.shape, np.uint8)
     lungs = (labels == LABEL_RIGHT) | (labels == LABEL_LEFT)
     box = bounding_box(lungs)
@@ -346,6 +422,12 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
             elif c != largest and _shell_gas_fraction(hub, union, comp, objects[c - 1],
                                                       c) > AIR_SHELL_FRACTION:
                 alive[c] = False   # air outside the body labelled lung
+        candidates = [c for c in small if alive[c]] if at_skin and hu is not None else []
+        fractions = _at_skin_fractions(hu, lungs, comp, box, objects, candidates,
+                                       geometry, axial_axis) if hu is not None else {}
+        for c, frac in fractions.items():
+            if frac >= AT_SKIN_FRACTION:
+                alive[c] = False   # air against the skin (under a cover) labelled lung
     superior_up = bool(_coefficients(geometry, 2)[axial_axis] > 0)
     under = [c for c in small if alive[c] and not (
         c in median and LUNG_MEDIAN_HU[0] <= median[c] <= LUNG_MEDIAN_HU[1]
@@ -445,7 +527,8 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
                        enclosed: bool = True,
                        added: dict[int, int] | None = None,
                        image_edge: bool = True,
-                       edge_added: dict[int, int] | None = None) -> npt.NDArray[np.uint8]:
+                       edge_added: dict[int, int] | None = None,
+                       at_skin: bool = True) -> npt.NDArray[np.uint8]:
     """Clean the network's right (1) / left (2) lung labels; holes enclosed in each axial
     slice are filled (vessels, nodules, tumour surrounded by lung), only into background,
     never over the other lung. ``axial_axis`` is the array axis across axial slices
@@ -481,7 +564,10 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
        pneumothorax) and some other component looks like lung (else a phantom's air is
        left for the caller's "that is air" warning); when most of their face neighbours
        are gas not labelled lung (> :data:`AIR_SHELL_FRACTION`: air outside the body,
-       between the back and the table; never the largest component); and, unless their
+       between the back and the table; never the largest component); when at least
+       :data:`AT_SKIN_FRACTION` of their voxels lie within :data:`SKIN_DEPTH_MM` in plane of
+       outside air (air hugging the skin under a mattress cover or a blanket; with
+       ``at_skin``, the default); and, unless their
        median looks like lung (within :data:`LUNG_MEDIAN_HU`) and they hold at least
        :data:`SPLIT_PIECE_ML` (a piece a lesion cut off), when at least
        :data:`UNDER_FRACTION` of their voxels have another kept component superior to them
@@ -505,7 +591,7 @@ def postprocess_labels(labels: npt.NDArray[Any], axial_axis: int = 0, *,
         return _postprocess_by_label(labels, axial_axis)
     if hu is not None and hu.shape != labels.shape:
         raise ValueError(f"hu {hu.shape} and labels {labels.shape} differ in shape")
-    out = _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed, added)
+    out = _postprocess_by_anatomy(labels, axial_axis, hu, geometry, enclosed, added, at_skin)
     if hu is not None and image_edge:
         from medseg.inference.image_edge import add_lung_at_image_edge
 

@@ -563,6 +563,11 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     gas = ts_ref == 3
     rows.append(_row("totalseg abdomen", "mL lung label on gut gas",
                      float(np.count_nonzero(pred[gas] > 0) * vml), "<=", 5.0))
+    # anything else: air against the back under the mattress cover (60 mL of "right lung"
+    # before rule 2's skin test), the reference's -400 HU rim at the bases (about 10 mL)
+    rows.append(_row("totalseg abdomen", "mL lung label outside the reference bases",
+                     float(np.count_nonzero((pred > 0) & ~np.isin(ts_ref, (1, 2))) * vml),
+                     "<=", 20.0))
     for s in (1, 2):
         r = ts_ref == s
         recall = float(np.count_nonzero(pred[r] == s)) / max(1, int(r.sum()))

@@ -146,6 +146,45 @@ def test_air_outside_the_body_dropped() -> None:
     np.testing.assert_array_equal(c.run(), c.truth)
 
 
+def _strip_under_a_cover() -> tuple[Chest, np.ndarray]:
+    """A mattress cover (-100 HU, 4 mm) curving round the back 4 mm off the skin; the air
+    between them (-950 HU) partly filled by partial volume (-750 HU) that the network labels
+    right lung over 120 mm of the back (as in the abdominal totalseg example)."""
+    c = Chest()
+    dx, y = c.x - c.mid_x, c.y
+
+    def inside(ax: float, ay: float) -> np.ndarray:
+        return np.asarray((dx / ax) ** 2 + (y / ay) ** 2 < 1)
+
+    back = y > 30
+    gap = inside(144, 94) & ~inside(140, 90) & back
+    cover = inside(148, 98) & ~inside(144, 94) & back
+    c.hu[gap] = -950
+    c.hu[cover] = -100
+    strip = gap & (np.abs(dx) < 100) & (np.abs(c.z) < 60)
+    c.hu[strip] = -750
+    c.net[strip] = 1
+    return c, strip
+
+
+def test_air_against_the_skin_under_a_cover_dropped() -> None:
+    """The strip is not wrapped in gas (the shell rule keeps it) and looks like lung by its
+    HU (the median rule keeps it); it lies within 10 mm of outside air: dropped. The lungs
+    (under 1 L each, so tested too) are kept whole."""
+    c, strip = _strip_under_a_cover()
+    assert c.ml(strip) > SPLIT_PIECE_ML
+    np.testing.assert_array_equal(c.run(), c.truth)
+    kept = c.run(at_skin=False)
+    assert (kept[strip] == 1).all()   # without the skin test: labelled right lung
+
+
+@pytest.mark.parametrize(("perm", "flips"), STORAGES)
+def test_air_against_the_skin_whatever_the_storage(perm: tuple[int, int, int],
+                                                   flips: tuple[bool, bool, bool]) -> None:
+    c, _ = _strip_under_a_cover()
+    np.testing.assert_array_equal(c.run_stored(perm, flips), c.truth)
+
+
 def test_all_air_kept_for_the_callers_warning() -> None:
     """Nothing looks like lung (a phantom's air inserts): nothing is dropped as gas, so
     segment() can say "that is air, not lung"."""

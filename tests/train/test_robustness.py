@@ -217,6 +217,7 @@ SHIPPED_MEETS: dict[tuple[str, str], bool] = {
     ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9784
     ('lidc nodules', '% nodule voxels in lung'): True,  # 99.9868
     ('totalseg abdomen', 'mL lung label on gut gas'): True,  # 0.0
+    ('totalseg abdomen', 'mL lung label outside the reference bases'): True,  # 10.4
     ('totalseg abdomen', 'right base recall'): True,  # 0.9757
     ('totalseg abdomen', 'left base recall'): True,  # 0.9257
     ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9552
