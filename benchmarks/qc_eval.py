@@ -12,7 +12,8 @@ Cases (every one built from ``../shared/data`` at run time, deterministic):
 * **failure** (robustness-suite cases a model got wrong: should be ``review``): lung2d-v2 on
   the three LIDC lesion copies (consolidation and masses partly left out) and on the
   base-40 % crop; lung2d-v1 on the lesion copies and on the left hemithorax (55 % labelled
-  right);
+  right); lung2d-v2 on the abdominal CT with the postprocessing before rule 2's skin test
+  (air under the mattress cover labelled right lung);
 * **damaged** (a correct mask deliberately broken: should be ``review``): right lung
   removed, left lung removed, sides swapped, mask shifted 10 mm to the patient's left and
   10 mm anteriorly, gas below the lungs added as lung, each inserted 50 mm mass cut out.
@@ -135,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         vols[name] = vol
         m = _cached(out, f"{name}-v2", lambda vol=vol: seg(vol))
         cases.append((name, "clean", vol, m))
+    # the abdominal CT's mask before rule 2's skin test: the right lung ran down the back
+    # (air under the mattress cover, 59 mL), a real failure of lung2d-v2's postprocessing
+    from medseg.inference.postprocess import postprocess_labels
+    from medseg.inference.unet import InferenceSettings, unet_labels
+
+    ts = vols["totalseg"]
+    cases.append(("totalseg (v2 without the skin test)", "failure", ts, _cached(
+        out, "totalseg-v2-noskin", lambda: postprocess_labels(
+            unet_labels(ts, models["v2"], InferenceSettings()), ts.axial_axis(),
+            hu=ts.array, geometry=ts.geometry, at_skin=False))))
     ph_labels = load(ROOT / "sample_data" / "phantom_000" / "labels.nii.gz").array
     cases.append(("phantom exact labels", "clean", vols["phantom"], ph_labels))
 

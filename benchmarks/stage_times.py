@@ -29,7 +29,7 @@ def measure(src: Path, runs: int) -> dict[str, float]:
     """Median seconds per stage (and ``wall``) over ``runs`` warm runs."""
     import medseg.inference.unet  # torch, MONAI
     import medseg.io.dicom_seg  # highdicom
-    import medseg.report.study  # noqa: F401  (Jinja2, matplotlib)
+    import medseg.report.study  # noqa: F401  (Jinja2)
     from medseg import _alloc
     from medseg.models import load_model
     from medseg.segment import segment_study

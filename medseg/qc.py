@@ -42,6 +42,13 @@ whatever model made it:
     :data:`DENSE_MIN_ML`: a tumour or consolidation dropped from the lung. A lesion against
     the chest wall or the mediastinum that leaves a wide bite in the lung's outline is NOT
     found this way (measured: docs/concepts/quality-control.md).
+``at_skin``
+    a piece of the mask (at least :data:`SKIN_MIN_ML`) most of whose voxels lie within
+    :data:`SKIN_DEPTH_MM` (in plane) of the air around the body (air not labelled lung that
+    reaches the slice's border): air under a mattress cover or a blanket, against the skin
+    and outside the chest wall, called lung. The same test as rule 2 of medseg's
+    postprocessing (:data:`medseg.inference.postprocess.SKIN_DEPTH_MM`), here for masks of
+    any origin.
 ``slice_jump``
     an axial slice whose lung area differs from both neighbours by more than
     :data:`JUMP_FRACTION` while they agree: a slice the mask got wrong.
@@ -65,7 +72,14 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from medseg.errors import GeometryError
-from medseg.inference.postprocess import LABEL_LEFT, LABEL_RIGHT, bounding_box, midline_x
+from medseg.inference.postprocess import (
+    LABEL_LEFT,
+    LABEL_RIGHT,
+    MIN_PIECE_ML,
+    bounding_box,
+    midline_x,
+)
+from medseg.inference.postprocess import SKIN_DEPTH_MM as POSTPROCESS_SKIN_DEPTH_MM
 from medseg.inference.threshold import BODY_MIN_HU, outside_air
 from medseg.volume import CTVolume, Geometry, to_canonical
 
@@ -112,6 +126,12 @@ DENSE_HU = -500.0
 ENCLOSED_RADIUS_MM = 12.0
 #: Smallest enclosed dense component left out of the mask that counts (mL).
 DENSE_MIN_ML = 15.0
+#: A piece of the mask is "at the skin" when at least half of its voxels lie within this
+#: in-plane distance (mm) of outside air; the postprocessing's value (real lungs lie a
+#: median 32 mm or more from it, the air under the abdominal example's mattress cover 6 mm).
+SKIN_DEPTH_MM = POSTPROCESS_SKIN_DEPTH_MM
+#: Smallest piece at the skin that counts (mL): the postprocessing's size floor.
+SKIN_MIN_ML = MIN_PIECE_ML
 #: A slice's lung area (one label) differing from the mean of its two neighbours by more
 #: than this fraction of it, while the neighbours agree within half of it.
 JUMP_FRACTION = 0.4
@@ -313,6 +333,7 @@ def _finish(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
     _aerated(g, mask, body_air, signals, flag)
     _gas(g, mask, signals, flag)
     _dense(g, body_air, signals, flag)
+    _at_skin(g, mask, signals, flag)
     _jumps(g, signals, flag)
     verdict = REVIEW if reasons else OK
     return QCResult(verdict, reasons, notes, signals,
@@ -458,6 +479,33 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
     if worst is not None:
         flag(f"{total:.0f} mL of dense tissue enclosed by the lung is left out of the mask "
              f"(a tumour or consolidation dropped?), the largest piece {worst[0]:.0f} mL "
+             f"around {g.where(worst[1])}", worst[1])
+
+
+def _at_skin(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
+             flag: Any) -> None:
+    outside = outside_air((g.hu < BODY_MIN_HU) & ~mask)
+    tally = _Tally()
+    if outside.any():
+        comp, pieces = _big_pieces(g, mask, SKIN_MIN_ML)
+        for c, ml, box, piece in pieces:
+            # the piece's box grown by the depth in plane: farther air cannot be within it
+            grow = [0, *(int(np.ceil(SKIN_DEPTH_MM / g.spacing[a])) for a in (1, 2))]
+            grown = tuple(slice(max(0, b.start - n), b.stop + n)
+                          for b, n in zip(box, grow, strict=True))
+            air = outside[grown]
+            if not air.any():
+                continue
+            dist = ndimage.distance_transform_edt(~air, sampling=(1e6, *g.spacing[1:]))
+            mine = comp[grown] == c
+            if float(np.mean(dist[mine] <= SKIN_DEPTH_MM)) >= 0.5:
+                tally.add(ml, box, piece)
+    total, worst = tally.total, tally.worst
+    signals["at_skin_ml"] = round(total, 1)
+    if worst is not None:
+        flag(f"{total:.0f} mL labelled lung lies against the skin, outside the chest wall "
+             f"(most of it within {SKIN_DEPTH_MM:.0f} mm of the air around the body: air "
+             f"under a mattress cover or a blanket?), the largest piece {worst[0]:.0f} mL "
              f"around {g.where(worst[1])}", worst[1])
 
 

@@ -120,6 +120,43 @@ def test_gas_with_soft_tissue_walls_labelled_lung_is_review(phantom) -> None:
     assert quality_check(image.with_array(hu), labels).verdict == OK
 
 
+def test_air_against_the_skin_labelled_lung_is_review(phantom) -> None:
+    """A mattress cover (-100 HU) 5 mm behind the back, the air between it and the skin
+    (partial volume, -750 HU) labelled right lung over the middle of the back: the strip the
+    abdominal totalseg example had before rule 2's skin test."""
+    image, labels = phantom
+    hu_c, _ = to_canonical(image, np.asarray(image.array, np.float32))
+    lab_c, _ = to_canonical(image, labels)
+    body = hu_c > -500
+    n_p = hu_c.shape[1]
+    # the body's posterior surface, per (axial slice, lateral column)
+    back = n_p - 1 - np.argmax(body[:, ::-1, :], axis=1)
+    has = body.any(axis=1)
+    strip = np.zeros(hu_c.shape, bool)
+    cover = np.zeros(hu_c.shape, bool)
+    k_lo, k_hi = hu_c.shape[0] // 4, 3 * hu_c.shape[0] // 4
+    for k in range(k_lo, k_hi):
+        for x in np.flatnonzero(has[k]):
+            b = back[k, x]
+            cover[k, b + 3:b + 5, x] = True
+            if hu_c.shape[2] // 4 < x < hu_c.shape[2] // 2:
+                strip[k, b + 1:b + 3, x] = True
+    hu_c[cover] = -100.0
+    hu_c[strip] = -750.0
+    hu = from_canonical(image, hu_c)
+    damaged_c = lab_c.copy()
+    damaged_c[strip] = 1
+    damaged = from_canonical(image, damaged_c)
+    r = quality_check(image.with_array(hu), damaged)
+    assert r.verdict == REVIEW
+    assert any("against the skin" in x for x in r.reasons), r.reasons
+    assert r.signals["at_skin_ml"] > 5
+    # the cover without the strip labelled is fine
+    clean = quality_check(image.with_array(hu), labels)
+    assert clean.verdict == OK, clean.reasons
+    assert clean.signals["at_skin_ml"] == 0
+
+
 def test_enclosed_tumour_left_out_is_review(phantom) -> None:
     image, labels = phantom
     hu = np.asarray(image.array, np.float32).copy()

@@ -42,7 +42,8 @@ from medseg.evaluate.labels import DEFAULT_REF_LABELS, LabelConvention, score_la
 from medseg.io.atomic import write_text
 from medseg.quantify import quantify
 from medseg.report._csv import csv_text
-from medseg.report._render import environment, figure_png, png_data_uri, pyplot
+from medseg.report._render import environment, png_data_uri, svg_data_uri
+from medseg.report._svg import line_chart_svg
 from medseg.visualize import overlay_montage
 from medseg.volume import CTVolume
 
@@ -167,28 +168,18 @@ def csv_row(report: dict[str, Any]) -> dict[str, Any]:
     return dict(to_jsonable(row))
 
 
-def _histogram_png(report: dict[str, Any]) -> bytes:
-    plt = pyplot()
-    edges = np.asarray(report["histogram"]["bin_edges_hu"])
-    centres = (edges[:-1] + edges[1:]) / 2
-    fig, ax = plt.subplots(figsize=(6.5, 2.8))
-    plotted = False
+def _histogram_svg(report: dict[str, Any]) -> str:
+    """The lungs' HU histograms (% of each lung's voxels per bin) as an SVG document."""
+    edges = np.asarray(report["histogram"]["bin_edges_hu"], float)
+    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
+    series = []
     for label, colour in (("right", "#e0402f"), ("left", "#3389f2")):
         counts = np.asarray(report["histogram"]["counts"][label], float)
         if counts.sum():
-            ax.plot(centres, 100 * counts / counts.sum(), color=colour, label=f"{label} lung")
-            plotted = True
-    ax.axvline(-950, color="0.4", ls="--", lw=0.8)
-    ax.text(-948, ax.get_ylim()[1] * 0.9, "−950 HU", fontsize=7, color="0.3")
-    ax.set_xlabel("HU")
-    ax.set_ylabel("% of lung voxels")
-    ax.set_xlim(-1100, 0)
-    if plotted:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no lung voxels", transform=ax.transAxes, ha="center")
-    fig.tight_layout()
-    return figure_png(fig)
+            series.append((f"{label} lung", colour, (100 * counts / counts.sum()).tolist()))
+    return line_chart_svg(centres, series, x_range=(-1100.0, 0.0), x_label="HU",
+                          y_label="% of lung voxels", vline=(-950.0, "\u2212950 HU"),
+                          empty_text="no lung voxels")
 
 
 def render_html(report: dict[str, Any], image: CTVolume, labels: CTVolume) -> str:
@@ -198,7 +189,7 @@ def render_html(report: dict[str, Any], image: CTVolume, labels: CTVolume) -> st
         "axial": png_data_uri(overlay_montage(image, labels, view="axial", n=6,
                                               highlight=look)),
         "coronal": png_data_uri(overlay_montage(image, labels, view="coronal", n=3)),
-        "histogram": png_data_uri(_histogram_png(report)),
+        "histogram": svg_data_uri(_histogram_svg(report)),
     }
     return str(environment().get_template("study.html.j2").render(
         r=report, images=images, labels=_LABELS))

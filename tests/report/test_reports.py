@@ -43,7 +43,8 @@ def test_study_report_files_schema_and_no_phi(tmp_path: Path) -> None:
     html = paths["report.html"].read_text()
     assert "PID-12345" not in html and "alert(1)" not in html
     assert "case&lt;1&gt;" in html  # autoescaped
-    assert html.count("data:image/png;base64,") == 3  # embedded, self-contained
+    assert html.count("data:image/png;base64,") == 2  # embedded, self-contained
+    assert html.count("data:image/svg+xml;base64,") == 1  # the HU histogram
     assert "src=\"http" not in html
     rows = list(csv.DictReader(paths["report.csv"].read_text().splitlines()))
     assert rows[0]["study_id"] == "case<1>" and float(rows[0]["lung_dice"]) == 1.0
@@ -159,3 +160,33 @@ def test_cli_evaluate_empty_prediction_is_inf_not_nan(
     assert main(["evaluate", str(a), str(b), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)["metrics"]
     assert m["lung"]["dice"] == 0.0 and m["lung"]["hd95"] == "inf"
+
+
+def test_histogram_chart_is_valid_svg_without_matplotlib() -> None:
+    """The study report's HU histogram: an SVG document (one line per lung, round ticks, the
+    -950 HU line), drawn without starting matplotlib."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    from medseg.report._svg import nice_ticks
+    from medseg.report.study import _histogram_svg
+
+    assert nice_ticks(-1100, 0, 6) == [-1000, -800, -600, -400, -200, 0]
+    assert nice_ticks(0, 6.8) == [0, 2, 4, 6]
+    edges = list(range(-1100, 101, 10))
+    counts = {"right": [0] * 120, "left": [0] * 120}
+    counts["right"][20:40] = [5] * 20
+    rep = {"histogram": {"bin_edges_hu": edges, "counts": counts}}
+    root = ET.fromstring(_histogram_svg(rep))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{ns}svg"
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == 1 and lines[0].get("stroke") == "#e0402f"  # the empty left lung: none
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "\u2212950 HU" in texts and "right lung" in texts and "left lung" not in texts
+    code = ("import sys; from medseg.report.study import _histogram_svg; "
+            f"_histogram_svg({rep!r}); print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
