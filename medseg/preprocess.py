@@ -5,7 +5,11 @@ The pipeline (see :func:`orientation_transform` and :func:`slab_transform`):
 1. ``Orientationd`` to the canonical frame :data:`CANONICAL_AXCODES` (index axes pointing
    to patient Left, Posterior, Superior: the radiological axial view, rows top = anterior,
    columns left = patient right). Only axis permutations and flips: exact, no interpolation.
-2. per slab of axial slices: ``Spacingd`` to the model's in-plane pixel spacing
+2. per slab of axial slices, only on a noisy study (pixel noise above
+   :data:`NOISE_RAMP_HU`'s lower end, :func:`pixel_noise_hu`): a Gaussian smoothing in plane
+   before the downsampling (anti-aliasing, :func:`antialias_sigma`), so that the pixel
+   noise does not pass unattenuated through the bilinear resampling; then
+   ``Spacingd`` to the model's in-plane pixel spacing
    (:data:`MODEL_PIXEL_SPACING_MM`), slice spacing unchanged; ``ScaleIntensityRanged``
    clipping HU to [:data:`HU_MIN`, :data:`HU_MAX`] and scaling to [0, 1].
 
@@ -35,10 +39,14 @@ __all__ = [
     "HU_MAX",
     "HU_MIN",
     "MODEL_PIXEL_SPACING_MM",
+    "NOISE_RAMP_HU",
+    "antialias_sigma",
     "check_hounsfield",
     "orientation_transform",
+    "pixel_noise_hu",
     "slab_as_2d",
     "slab_transform",
+    "smooth_in_plane",
     "to_metatensor",
 ]
 
@@ -55,6 +63,62 @@ HU_MAX = 600.0
 #: window (lungmask R231 also works at 256x256 per slice); boundaries land between pixels
 #: after bilinear inversion of the probabilities; compute is bounded whatever the matrix.
 MODEL_PIXEL_SPACING_MM = 2.0
+#: Pixel noise (HU, :func:`pixel_noise_hu`) over which the in-plane anti-aliasing ramps from
+#: none to full (:data:`ANTIALIAS_FULL`). The real CT at hand measures 12.6-24.1 HU (RIDER,
+#: LIDC, cip-ct64, LungFCP, the abdominal example, chest-ct-philips-141: untouched, their
+#: outputs unchanged); LIDC with N(0, 80 HU) added measures 57 HU, and without smoothing
+#: lung2d-v2 labels part of the liver dome lung on it (robustness suite: Dice 0.984 to the
+#: clean mask; with full anti-aliasing 0.996).
+NOISE_RAMP_HU = (30.0, 50.0)
+#: Full anti-aliasing: Gaussian sigma = this x (downsampling factor - 1) pixels, the rule of
+#: scikit-image's ``rescale(anti_aliasing=True)``.
+ANTIALIAS_FULL = 0.5
+#: Soft tissue (HU) whose neighbouring pixels' differences measure the noise.
+NOISE_TISSUE_HU = (-100.0, 150.0)
+
+
+def pixel_noise_hu(array: npt.NDArray[Any], axial_axis: int, n_slices: int = 12) -> float:
+    """Pixel noise (HU) of a CT volume: the robust standard deviation (1.4826 x MAD) of the
+    differences between horizontally neighbouring in-plane pixels that are both soft tissue
+    (:data:`NOISE_TISSUE_HU`), over ``n_slices`` evenly spaced axial slices, divided by
+    sqrt(2). Soft tissue is smooth at this scale, so the differences are mostly noise. 0 when
+    fewer than 1000 pixel pairs qualify (a phantom without soft tissue)."""
+    n = array.shape[axial_axis]
+    lo, hi = NOISE_TISSUE_HU
+    diffs = []
+    for k in np.unique(np.linspace(0, n - 1, min(n, n_slices)).astype(int)):
+        sl = np.take(array, int(k), axis=axial_axis).astype(np.float32)
+        a, b = sl[:, 1:], sl[:, :-1]
+        ok = (a > lo) & (a < hi) & (b > lo) & (b < hi)
+        diffs.append((a - b)[ok])
+    d = np.concatenate(diffs) if diffs else np.zeros(0, np.float32)
+    if d.size < 1000:
+        return 0.0
+    return float(np.median(np.abs(d - np.median(d))) * 1.4826 / np.sqrt(2.0))
+
+
+def antialias_sigma(noise_hu: float, spacing_mm: tuple[float, float],
+                    target_mm: float = MODEL_PIXEL_SPACING_MM) -> tuple[float, float]:
+    """In-plane Gaussian sigma (pixels, per axis) applied before resampling from
+    ``spacing_mm`` to ``target_mm``: 0 below :data:`NOISE_RAMP_HU`, rising linearly to
+    :data:`ANTIALIAS_FULL` x (``target_mm`` / spacing - 1) at its upper end; 0 on an axis
+    that is not downsampled."""
+    lo, hi = NOISE_RAMP_HU
+    strength = ANTIALIAS_FULL * min(1.0, max(0.0, (noise_hu - lo) / (hi - lo)))
+    s0, s1 = (strength * max(0.0, target_mm / s - 1.0) for s in spacing_mm)
+    return float(s0), float(s1)
+
+
+def smooth_in_plane(slab: MetaTensor, sigma: tuple[float, float]) -> MetaTensor:
+    """A 2D slab ``(slices, I, J)`` (:func:`slab_as_2d`) smoothed in plane by a Gaussian of
+    ``sigma`` pixels per axis (edges replicated), same affine."""
+    from scipy import ndimage
+
+    if max(sigma) <= 0:
+        return slab
+    data = ndimage.gaussian_filter(slab.as_tensor().numpy(), sigma=(0.0, *sigma),
+                                   mode="nearest", truncate=3.0)
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=slab.affine)
 
 
 def to_metatensor(volume: CTVolume, array: npt.NDArray[Any] | None = None) -> MetaTensor:

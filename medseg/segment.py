@@ -167,7 +167,9 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                 for key, counts in (("enclosed_tissue_ml", added),
                                     ("image_edge_lung_ml", edge_added))}
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
-                      "architecture": loaded.spec.to_dict(), "device": settings.device}
+                      "architecture": loaded.spec.to_dict(), "device": settings.device,
+                      "input_noise_hu": settings.input_noise_hu,
+                      "antialias_sigma_px": list(settings.antialias_sigma_px)}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)
     meta = volume.metadata.copy()
     meta.warnings = []

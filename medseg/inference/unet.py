@@ -24,9 +24,12 @@ from monai.transforms import Invertd
 from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
 from medseg.models import LoadedModel
 from medseg.preprocess import (
+    antialias_sigma,
     orientation_transform,
+    pixel_noise_hu,
     slab_as_2d,
     slab_transform,
+    smooth_in_plane,
     to_metatensor,
 )
 from medseg.volume import CTVolume
@@ -53,6 +56,10 @@ class InferenceSettings:
     #: :mod:`medseg.inference.device`); stitching stays on the CPU.
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+    #: Filled by :func:`unet_labels`: the input's pixel noise (HU) and the in-plane
+    #: anti-aliasing sigma (pixels) it chose (:func:`medseg.preprocess.antialias_sigma`).
+    input_noise_hu: float | None = None
+    antialias_sigma_px: tuple[float, float] = (0.0, 0.0)
 
 
 def _argmax3(p_right: torch.Tensor, p_left: torch.Tensor) -> torch.Tensor:
@@ -87,6 +94,13 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     n_slices = int(oriented.shape[-1])
     # slice spacing of the oriented volume (its third axis) sets the context step
     step = spec.context_step(float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2])))
+    # a noisy study is smoothed in plane before the downsampling (anti-aliasing)
+    noise = pixel_noise_hu(volume.array, volume.axial_axis())
+    in_plane = np.linalg.norm(np.asarray(oriented.affine)[:3, :2], axis=0)
+    sigma = antialias_sigma(noise, (float(in_plane[0]), float(in_plane[1])),
+                            spec.pixel_spacing_mm)
+    settings.input_noise_hu = round(noise, 1)
+    settings.antialias_sigma_px = (round(sigma[0], 3), round(sigma[1], 3))
     reach = ctx * step
     # Held as (K, J, I) in memory and used through an (I, J, K) view: when the orientation
     # is the identity (an axial LPS study, the common case) the output's (z, y, x) array
@@ -111,7 +125,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         k1 = min(n_slices, k0 + settings.slab_slices)
         lo, hi = max(0, k0 - reach), min(n_slices, k1 + reach)
         ta = time.perf_counter()
-        img = cast(MetaTensor, pre({"image": slab_as_2d(oriented, lo, hi)})["image"])
+        slab = smooth_in_plane(slab_as_2d(oriented, lo, hi), sigma)
+        img = cast(MetaTensor, pre({"image": slab})["image"])
         x = img.as_tensor()  # (hi - lo, I', J')
         # replicate edge slices so every core slice has its neighbours
         pad_lo, pad_hi = reach - (k0 - lo), reach - (hi - k1)

@@ -199,8 +199,9 @@ def test_lateral_crop_cuts_the_lung_at_the_image_border(direction: np.ndarray) -
 #: robustness` (values in the comments; the table is in docs/model-card.md). Keys are
 #: (case, measure prefix); True = the row must pass, False = reported, and the shipped
 #: model misses it (issue 12 is open for these: inserted consolidation and masses not yet
-#: >= 95 % inside, one thick effusion 10 % inside, the consistency variants just under
-#: their targets).
+#: >= 95 % inside, one thick effusion 10 % inside, the rotation and thick-slice variants
+#: just under their targets; the noise variant passes since noisy studies are
+#: anti-aliased, 0.9944).
 SHIPPED_MEETS: dict[tuple[str, str], bool] = {
     ('lidc', 'Dice right vs reference'): True,  # 0.9852
     ('lidc', 'Dice left vs reference'): True,  # 0.9868
@@ -236,7 +237,7 @@ SHIPPED_MEETS: dict[tuple[str, str], bool] = {
     ('crop matrix cuts the left lung 20 mm', 'Dice right vs cropped ref'): True,  # 0.9819
     ('crop matrix cuts the left lung 20 mm', 'Dice left vs cropped ref'): True,  # 0.9863
     ('crop matrix cuts the left lung 20 mm', '% lung labelled the wrong side'): True,
-    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): False,  # 0.9842
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): True,  # 0.9944
     ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9667
     ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.9765
     ('consistency', 'reversed storage: voxels differing from clean'): True,  # 0.0
@@ -254,7 +255,6 @@ SHIPPED_FLOORS: dict[tuple[str, str], float] = {
     ('lidc+lesions', '% mass voxels in lung'): 90.0,
     ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): 10.0,
     ('crop base 40 %', 'Dice left vs cropped ref'): 0.88,
-    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): 0.98,
     ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): 0.96,
     ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): 0.97,
 }
