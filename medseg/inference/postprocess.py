@@ -47,7 +47,7 @@ AIR_SHELL_FRACTION = 0.5
 #: enclosed by gas on all sides (the shell rule above misses it). A component (under
 #: :data:`SURE_LUNG_ML`) is dropped when at least :data:`AT_SKIN_FRACTION` of its voxels lie
 #: within this in-plane distance (mm) of outside air (gas not labelled lung that reaches the
-#: image's side borders): the strip of air between the back and the table cushion that the
+#: image's side borders): the strip of air between the back and the mattress cover that the
 #: network labelled right lung in the abdominal totalseg example lies 6 mm from it (median;
 #: 99 % within 10 mm), real lungs and lung bases 32-96 mm (median; at most 6 % of a lung's
 #: voxels within 10 mm, RIDER's lung cut by the image border). Chest wall (skin, fat, muscle,
