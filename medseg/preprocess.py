@@ -68,7 +68,7 @@ MODEL_PIXEL_SPACING_MM = 2.0
 #: LIDC, cip-ct64, LungFCP, the abdominal example, chest-ct-philips-141: untouched, their
 #: outputs unchanged); LIDC with N(0, 80 HU) added measures 57 HU, and without smoothing
 #: lung2d-v2 labels part of the liver dome lung on it (robustness suite: Dice 0.984 to the
-#: clean mask; with full anti-aliasing 0.996).
+#: clean mask; with the anti-aliasing 0.994).
 NOISE_RAMP_HU = (30.0, 50.0)
 #: Full anti-aliasing: Gaussian sigma = this x (downsampling factor - 1) pixels, the rule of
 #: scikit-image's ``rescale(anti_aliasing=True)``.
