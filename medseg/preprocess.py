@@ -47,6 +47,7 @@ __all__ = [
     "slab_as_2d",
     "slab_transform",
     "smooth_in_plane",
+    "study_antialias",
     "to_metatensor",
 ]
 
@@ -107,6 +108,16 @@ def antialias_sigma(noise_hu: float, spacing_mm: tuple[float, float],
     strength = ANTIALIAS_FULL * min(1.0, max(0.0, (noise_hu - lo) / (hi - lo)))
     s0, s1 = (strength * max(0.0, target_mm / s - 1.0) for s in spacing_mm)
     return float(s0), float(s1)
+
+
+def study_antialias(volume: CTVolume, oriented: MetaTensor,
+                    target_mm: float = MODEL_PIXEL_SPACING_MM) -> tuple[float, tuple[float, float]]:
+    """The pixel noise (HU, :func:`pixel_noise_hu`) of ``volume`` and the in-plane sigma
+    (:func:`antialias_sigma`) for its oriented form ``oriented`` (``(1, I, J, K)``, the
+    in-plane spacing read from its affine): the one decision inference and training share."""
+    noise = pixel_noise_hu(volume.array, volume.axial_axis())
+    in_plane = np.linalg.norm(np.asarray(oriented.affine)[:3, :2], axis=0)
+    return noise, antialias_sigma(noise, (float(in_plane[0]), float(in_plane[1])), target_mm)
 
 
 def smooth_in_plane(slab: MetaTensor, sigma: tuple[float, float]) -> MetaTensor:

@@ -487,10 +487,10 @@ def _at_skin(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
     outside = outside_air((g.hu < BODY_MIN_HU) & ~mask)
     tally = _Tally()
     if outside.any():
+        # each piece's box grown by the depth in plane: farther air cannot be within it
+        grow = [0, *(int(np.ceil(SKIN_DEPTH_MM / g.spacing[a])) for a in (1, 2))]
         comp, pieces = _big_pieces(g, mask, SKIN_MIN_ML)
         for c, ml, box, piece in pieces:
-            # the piece's box grown by the depth in plane: farther air cannot be within it
-            grow = [0, *(int(np.ceil(SKIN_DEPTH_MM / g.spacing[a])) for a in (1, 2))]
             grown = tuple(slice(max(0, b.start - n), b.stop + n)
                           for b, n in zip(box, grow, strict=True))
             air = outside[grown]

@@ -422,9 +422,9 @@ def _postprocess_by_anatomy(labels: npt.NDArray[Any], axial_axis: int,
             elif c != largest and _shell_gas_fraction(hub, union, comp, objects[c - 1],
                                                       c) > AIR_SHELL_FRACTION:
                 alive[c] = False   # air outside the body labelled lung
-        candidates = [c for c in small if alive[c]] if at_skin and hu is not None else []
-        fractions = _at_skin_fractions(hu, lungs, comp, box, objects, candidates,
-                                       geometry, axial_axis) if hu is not None else {}
+    if hu is not None and at_skin:
+        fractions = _at_skin_fractions(hu, lungs, comp, box, objects,
+                                       [c for c in small if alive[c]], geometry, axial_axis)
         for c, frac in fractions.items():
             if frac >= AT_SKIN_FRACTION:
                 alive[c] = False   # air against the skin (under a cover) labelled lung

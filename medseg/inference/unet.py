@@ -24,12 +24,11 @@ from monai.transforms import Invertd
 from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
 from medseg.models import LoadedModel
 from medseg.preprocess import (
-    antialias_sigma,
     orientation_transform,
-    pixel_noise_hu,
     slab_as_2d,
     slab_transform,
     smooth_in_plane,
+    study_antialias,
     to_metatensor,
 )
 from medseg.volume import CTVolume
@@ -95,10 +94,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     # slice spacing of the oriented volume (its third axis) sets the context step
     step = spec.context_step(float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2])))
     # a noisy study is smoothed in plane before the downsampling (anti-aliasing)
-    noise = pixel_noise_hu(volume.array, volume.axial_axis())
-    in_plane = np.linalg.norm(np.asarray(oriented.affine)[:3, :2], axis=0)
-    sigma = antialias_sigma(noise, (float(in_plane[0]), float(in_plane[1])),
-                            spec.pixel_spacing_mm)
+    noise, sigma = study_antialias(volume, oriented, spec.pixel_spacing_mm)
     settings.input_noise_hu = round(noise, 1)
     settings.antialias_sigma_px = (round(sigma[0], 3), round(sigma[1], 3))
     reach = ctx * step

@@ -29,12 +29,11 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
     from monai.transforms import Spacingd
 
     from medseg.preprocess import (
-        antialias_sigma,
         orientation_transform,
-        pixel_noise_hu,
         slab_as_2d,
         slab_transform,
         smooth_in_plane,
+        study_antialias,
         to_metatensor,
     )
 
@@ -45,9 +44,7 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
         keys.append("label")
     d = dict(orientation_transform(keys)(d))
     n = int(d["image"].shape[-1])
-    in_plane = np.linalg.norm(np.asarray(d["image"].affine)[:3, :2], axis=0)
-    sigma = antialias_sigma(pixel_noise_hu(image.array, image.axial_axis()),
-                            (float(in_plane[0]), float(in_plane[1])), spec.pixel_spacing_mm)
+    _, sigma = study_antialias(image, d["image"], spec.pixel_spacing_mm)
     img = cast(MetaTensor, slab_transform("image", spec.pixel_spacing_mm)(
         {"image": smooth_in_plane(slab_as_2d(d["image"], 0, n), sigma)})["image"])
     out_img = np.ascontiguousarray(img.as_tensor().numpy(), dtype=np.float32)
