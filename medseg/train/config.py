@@ -42,6 +42,10 @@ class DataConfig:
     #: and lesions per copy; an effusion is added to a copy with this probability.
     lesion_variants: int = 0
     lesions_per_variant: int = 3
+    #: Every this many epochs the real studies' lesion copies are drawn again with fresh
+    #: lesions (0: never): the network then sees hundreds of lesions per patient instead of
+    #: the same ``lesion_variants x lesions_per_variant``, and cannot learn them by place.
+    lesion_refresh_epochs: int = 0
     effusion_probability: float = 0.35
     #: Share of training draws that come from the real studies (with their variants).
     real_weight: float = 0.4
@@ -75,6 +79,10 @@ class TrainingConfig:
     #: Weight of inserted-lesion pixels in the cross-entropy (1 = like any pixel): a lesion
     #: is a small part of a crop, and the costly error is leaving it out of the lung.
     lesion_weight: float = 1.0
+    #: Share of training crops smoothly warped (elastic deformation, batched) and the
+    #: standard deviation of the warp's displacements in mm.
+    elastic_probability: float = 0.0
+    elastic_mm: float = 8.0
 
 
 @dataclass

@@ -129,6 +129,25 @@ def lesion_scores(pred: npt.NDArray[Any], s: Sample) -> dict[str, float]:
     return out
 
 
+def _refresh_lesions(samples: list[Sample], spec: Any, d: Any, seed: list[int]) -> int:
+    """Replace, in place, every real study's lesion copy (``real-NAME-lesionsV``) by a new
+    copy of its base study (``real-NAME``) with fresh lesions; returns how many."""
+    bases = {s.name: s for s in samples if s.name.startswith("real-") and s.lesion is None}
+    rng = np.random.default_rng(seed)
+    n = 0
+    for i, s in enumerate(samples):
+        base_name, sep, _ = s.name.rpartition("-lesions")
+        if not sep or base_name not in bases:
+            continue
+        base = bases[base_name]
+        new = lesion_variant(base, base.slice_mm, spec, rng, d.lesions_per_variant,
+                             d.effusion_probability, s.name, mark_lesions=True)
+        new.weight = s.weight
+        samples[i] = new
+        n += 1
+    return n
+
+
 # -- the loop -------------------------------------------------------------------------------
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
@@ -209,8 +228,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
             s.weight = share * n_before / max(1, len(real))
         train_samples += real
         data_note.append(f"real CT with derived labels: {', '.join(d.real_train)} "
-                         f"({d.lesion_variants} copies each with inserted pathology), "
-                         f"{d.real_weight:.0%} of draws")
+                         f"({d.lesion_variants} copies each with inserted pathology"
+                         + (f", drawn again every {d.lesion_refresh_epochs} epochs"
+                            if d.lesion_refresh_epochs and d.lesion_variants else "")
+                         + f"), {d.real_weight:.0%} of draws")
         # validation: two copies of each held-out study with pathology inserted
         held = _real_samples(d.real_val, root, cache, spec, d, cfg.seed + 1, 2, out_dir, log,
                              training=False)
@@ -219,6 +240,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     t = cfg.training
     sampler = SliceSampler(train_samples, spec.context_slices, t.crop_size, cfg.seed, spec)
     sampler.fov_crop_probability = t.fov_crop_probability
+    sampler.elastic_probability = t.elastic_probability
+    sampler.elastic_px = t.elastic_mm / spec.pixel_spacing_mm
     net = build_network(spec)
     if t.init_weights:
         from medseg.models import load_model
@@ -241,6 +264,13 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     csv_path = out_dir / "log.csv"
     stopped = "epochs done"
     for epoch in range(1, t.epochs + 1):
+        if d.lesion_refresh_epochs and epoch > 1 and (epoch - 1) % d.lesion_refresh_epochs == 0:
+            tr = time.monotonic()
+            n_new = _refresh_lesions(train_samples, spec, d, [cfg.seed, 3000, epoch])
+            if n_new:
+                sampler.refresh()
+                log(f"epoch {epoch}: {n_new} lesion copies drawn again "
+                    f"({time.monotonic() - tr:.1f} s)")
         net.train()
         losses = []
         te = time.monotonic()

@@ -59,13 +59,23 @@ class SliceSampler:
         self.rng = np.random.default_rng(seed)
         w = np.array([s.weight for s in samples], float)
         self.p = w / w.sum()
-        self.lung_slices = [np.flatnonzero(
-            np.isin(s.label.reshape(s.label.shape[0], -1),
-                    (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET)).any(axis=1))
-            for s in samples]
+        self.lung_slices: list[npt.NDArray[np.intp]] = []
+        self.refresh()
         self.aug = _augment()
         self.aug.set_random_state(seed=seed)
         self.fov_crop_probability = 0.0
+        #: Share of crops smoothly warped (:meth:`_warp`) and the warp's size in pixels.
+        self.elastic_probability = 0.0
+        self.elastic_px = 4.0
+        self.torch_gen = torch.Generator().manual_seed(seed)
+
+    def refresh(self) -> None:
+        """Recompute what is drawn from each sample (after samples were replaced in place:
+        same names and weights, new content)."""
+        self.lung_slices = [np.flatnonzero(
+            np.isin(s.label.reshape(s.label.shape[0], -1),
+                    (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET)).any(axis=1))
+            for s in self.samples]
 
     def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]
               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
@@ -104,7 +114,37 @@ class SliceSampler:
                 y = y * keep
             xs.append(x)
             ys.append(y)
-        return torch.stack(xs), torch.stack(ys)
+        xb, yb = torch.stack(xs), torch.stack(ys)
+        if self.elastic_probability > 0:
+            xb, yb = self._warp(xb, yb)
+        return xb, yb
+
+    def _warp(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A smooth random deformation of some crops (image bilinear, labels nearest), one
+        batched resampling: random displacements on a coarse 6 x 6 grid (standard deviation
+        ``elastic_px``), upsampled bicubically. Every patient's outline (mediastinum, chest
+        wall, diaphragm) then comes in many shapes, so what the network learns about a lesion
+        against it cannot be learned from a few patients' outlines."""
+        n, _, h, w = x.shape
+        chosen = torch.rand(n, generator=self.torch_gen) < self.elastic_probability
+        if not chosen.any():
+            return x, y
+        k = int(chosen.sum())
+        coarse = torch.randn(k, 2, 6, 6, generator=self.torch_gen) * self.elastic_px
+        disp = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic",
+                                               align_corners=True)
+        # pixels -> grid_sample's [-1, 1] units (align_corners=True: 2 / (size - 1))
+        disp = torch.stack([disp[:, 1] * 2 / (w - 1), disp[:, 0] * 2 / (h - 1)], dim=-1)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w),
+                                indexing="ij")
+        grid = torch.stack([xx, yy], dim=-1)[None] + disp
+        x, y = x.clone(), y.clone()
+        x[chosen] = torch.nn.functional.grid_sample(x[chosen], grid, mode="bilinear",
+                                                    padding_mode="zeros", align_corners=True)
+        y[chosen] = torch.nn.functional.grid_sample(y[chosen].float(), grid, mode="nearest",
+                                                    padding_mode="zeros",
+                                                    align_corners=True).long()
+        return x, y
 
     def _fov(self, shape: Any) -> npt.NDArray[np.bool_]:
         """A cut field of view: one side of the body (a hemithorax), a rectangle, or a

@@ -133,6 +133,33 @@ def test_sampler_cuts_the_field_of_view_to_air_with_labels() -> None:
         assert torch.equal(outside, y[b, 0] == 0)            # labels cut with the image
 
 
+def test_elastic_warp_moves_image_and_labels_together() -> None:
+    """training.elastic_probability: a crop is warped smoothly; image and labels move
+    together (labels by nearest neighbour: no new label values); no warp is the identity."""
+    img = np.zeros((5, 96, 96), np.float32)
+    lab = np.zeros((5, 96, 96), np.uint8)
+    img[:, 30:70, 20:60] = 0.8
+    lab[:, 30:70, 20:60] = 1
+    lab[:, 40:50, 30:40] = 1 + LESION_OFFSET
+    s = SliceSampler([Sample("x", img, lab)], context=1, crop=96, seed=0)
+    s.aug = lambda d: d
+    x0, y0 = s.batch(8)
+    s.elastic_px = 0.0
+    s.elastic_probability = 1.0
+    x1, y1 = s._warp(x0, y0)
+    assert torch.allclose(x1, x0, atol=1e-5) and torch.equal(y1, y0)
+    s.elastic_px = 4.0
+    x2, y2 = s._warp(x0, y0)
+    assert not torch.equal(y2, y0)                                    # it moved
+    assert set(torch.unique(y2).tolist()) <= {0, 1, 1 + LESION_OFFSET}
+    # the bright square and its label move together: few pixels disagree (edges only)
+    bright = x2[:, 1:2] > 0.4
+    assert float((bright != (y2 > 0)).float().mean()) < 0.01
+    s.elastic_probability = 0.0
+    x3, y3 = s._warp(x0, y0)
+    assert x3 is x0 and y3 is y0
+
+
 def test_lesion_variant_keeps_lesions_lung_and_ignore_elsewhere() -> None:
     spec = ModelSpec(name="t", pixel_spacing_mm=4.0, roi_size=64)
     image, labels = make_phantom(seed=5, shape=(30, 80, 80), spacing=(4.0, 4.0, 6.0))
@@ -152,6 +179,43 @@ def test_lesion_variant_keeps_lesions_lung_and_ignore_elsewhere() -> None:
     assert v.focus is not None and v.focus.size
     untouched = ~(v.lesion | v.effusion)
     assert np.array_equal(v.label[untouched], lab[untouched])
+
+
+def test_lesion_copies_are_drawn_again_in_place() -> None:
+    """data.lesion_refresh_epochs: each real study's lesion copy is replaced by a copy of
+    its base study with new lesions (same name and weight); phantoms and bases untouched;
+    the sampler then draws from the new copies."""
+    from medseg.train.loop import _refresh_lesions
+
+    spec = ModelSpec(name="t", pixel_spacing_mm=4.0, roi_size=64)
+    image, labels = make_phantom(seed=5, shape=(30, 80, 80), spacing=(4.0, 4.0, 6.0))
+    from medseg.train import prepare_slices
+    img, lab = prepare_slices(image, labels, spec)
+    assert lab is not None
+    base = Sample("real-x", img, lab, slice_mm=6.0)
+    old = lesion_variant(base, 6.0, spec, np.random.default_rng(0), 3, 0.0, "real-x-lesions0",
+                         mark_lesions=True)
+    old.weight = 0.7
+    phantom = Sample("phantom-1", img, lab)
+    samples = [phantom, base, old]
+    sampler = SliceSampler(samples, context=1, crop=48, seed=0)
+    cfg = load_train_config(REPO / "pipelines" / "experiments" / "train_lung2d_v5_fresh.yaml")
+    assert cfg.data.lesion_refresh_epochs == 2
+    cfg.data.effusion_probability = 0.0
+    assert _refresh_lesions(samples, spec, cfg.data, [1, 2]) == 1
+    new = samples[2]
+    assert samples[0] is phantom and samples[1] is base and new is not old
+    assert (new.name, new.weight) == ("real-x-lesions0", 0.7)
+    assert new.lesion is not None and new.lesion.any()
+    assert not np.array_equal(new.lesion, old.lesion)          # other lesions
+    assert np.all(new.label[new.lesion] >= LESION_OFFSET)       # marked for the loss
+    untouched = ~new.lesion
+    assert np.array_equal(new.label[untouched], lab[untouched])  # drawn from the base
+    sampler.refresh()
+    assert sampler.samples[2] is new
+    assert np.array_equal(sampler.lung_slices[2],
+                          np.flatnonzero((new.label.reshape(new.label.shape[0], -1) > 0)
+                                         .any(axis=1)))
 
 
 def test_derived_labels_never_teach_a_dense_lesion_as_background() -> None:
