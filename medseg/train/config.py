@@ -108,6 +108,12 @@ class TrainConfig:
             raise ConfigError("training.crop_size must be divisible by 2**len(strides)")
         if not 0.0 < self.data.cip_val_fraction < 1.0:
             raise ConfigError("data.cip_val_fraction must be between 0 and 1")
+        if not 0.0 <= self.training.elastic_probability <= 1.0:
+            raise ConfigError("training.elastic_probability must be between 0 and 1, got "
+                              f"{self.training.elastic_probability}")
+        if self.data.lesion_refresh_epochs < 0:
+            raise ConfigError("data.lesion_refresh_epochs must be 0 (never) or more, got "
+                              f"{self.data.lesion_refresh_epochs}")
         for k in ("epochs", "steps_per_epoch", "batch_size", "patience"):
             value = getattr(self.training, k)
             if value < 1:

@@ -19,8 +19,8 @@ import torch
 from medseg._version import __version__
 from medseg.errors import ConfigError
 from medseg.io.atomic import atomic_output, write_text
-from medseg.models import build_network, sha256_of
-from medseg.train.config import TrainConfig
+from medseg.models import ModelSpec, build_network, sha256_of
+from medseg.train.config import DataConfig, TrainConfig
 from medseg.train.data import (
     LESION_OFFSET,
     Sample,
@@ -129,7 +129,8 @@ def lesion_scores(pred: npt.NDArray[Any], s: Sample) -> dict[str, float]:
     return out
 
 
-def _refresh_lesions(samples: list[Sample], spec: Any, d: Any, seed: list[int]) -> int:
+def _refresh_lesions(samples: list[Sample], spec: ModelSpec, d: DataConfig, seed: list[int]
+                     ) -> int:
     """Replace, in place, every real study's lesion copy (``real-NAME-lesionsV``) by a new
     copy of its base study (``real-NAME``) with fresh lesions; returns how many."""
     bases = {s.name: s for s in samples if s.name.startswith("real-") and s.lesion is None}

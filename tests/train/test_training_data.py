@@ -185,6 +185,8 @@ def test_lesion_copies_are_drawn_again_in_place() -> None:
     """data.lesion_refresh_epochs: each real study's lesion copy is replaced by a copy of
     its base study with new lesions (same name and weight); phantoms and bases untouched;
     the sampler then draws from the new copies."""
+    from medseg.errors import ConfigError
+    from medseg.train.config import DataConfig, TrainConfig, TrainingConfig
     from medseg.train.loop import _refresh_lesions
 
     spec = ModelSpec(name="t", pixel_spacing_mm=4.0, roi_size=64)
@@ -202,11 +204,15 @@ def test_lesion_copies_are_drawn_again_in_place() -> None:
     cfg = load_train_config(REPO / "pipelines" / "experiments" / "train_lung2d_v5_fresh.yaml")
     assert cfg.data.lesion_refresh_epochs == 2
     cfg.data.effusion_probability = 0.0
+    with pytest.raises(ConfigError, match="lesion_refresh_epochs"):
+        TrainConfig(data=DataConfig(lesion_refresh_epochs=-1))
+    with pytest.raises(ConfigError, match="elastic_probability"):
+        TrainConfig(training=TrainingConfig(elastic_probability=1.5))
     assert _refresh_lesions(samples, spec, cfg.data, [1, 2]) == 1
     new = samples[2]
     assert samples[0] is phantom and samples[1] is base and new is not old
     assert (new.name, new.weight) == ("real-x-lesions0", 0.7)
-    assert new.lesion is not None and new.lesion.any()
+    assert new.lesion is not None and new.lesion.any() and old.lesion is not None
     assert not np.array_equal(new.lesion, old.lesion)          # other lesions
     assert np.all(new.label[new.lesion] >= LESION_OFFSET)       # marked for the loss
     untouched = ~new.lesion
