@@ -168,6 +168,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                                     ("image_edge_lung_ml", edge_added))}
         model_info = {"name": loaded.spec.name, "sha256": loaded.sha256,
                       "architecture": loaded.spec.to_dict(), "device": settings.device,
+                      "precision": settings.precision,
                       "input_noise_hu": settings.input_noise_hu,
                       "antialias_sigma_px": list(settings.antialias_sigma_px)}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)

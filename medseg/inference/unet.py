@@ -54,6 +54,10 @@ class InferenceSettings:
     #: torch device of the network: "cpu" (default), "cuda" or "cuda:N" (resolved, see
     #: :mod:`medseg.inference.device`); stitching stays on the CPU.
     device: str = "cpu"
+    #: "auto" (default: bf16 on a CPU with native bf16, else fp32), "fp32" or "bf16"
+    #: (:func:`medseg.inference.device.resolve_precision`); :func:`unet_labels` writes
+    #: back the one it used.
+    precision: str = "auto"
     timings: dict[str, float] = field(default_factory=dict)
     #: Filled by :func:`unet_labels`: the input's pixel noise (HU) and the in-plane
     #: anti-aliasing sigma (pixels) it chose (:func:`medseg.preprocess.antialias_sigma`).
@@ -78,6 +82,38 @@ def _on_device(model: LoadedModel, device: str) -> torch.nn.Module:
     if first is not None and first.device != torch.device(device):
         model.network.to(torch.device(device))
     return model.network
+
+
+class _Bf16(torch.nn.Module):
+    """The network under bf16 autocast on channels-last activations; fp32 logits out."""
+
+    def __init__(self, network: torch.nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.network = network
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.network(x.contiguous(memory_format=torch.channels_last))
+        return cast(torch.Tensor, out).float()
+
+
+def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
+                    precision: str) -> torch.nn.Module:
+    """``network`` as it runs at ``precision``: itself for fp32; for bf16 a channels-last
+    copy under autocast, made once per model and device (the fp32 network is left as it
+    is, so fp32 results stay the same in a process that also runs bf16)."""
+    if precision != "bf16":
+        return network
+    import copy
+
+    cache: dict[tuple[str, int], torch.nn.Module] = model.__dict__.setdefault(
+        "_bf16_networks", {})
+    key = (device, id(network))
+    if key not in cache:
+        net = copy.deepcopy(network).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        cache[key] = _Bf16(net, torch.device(device).type).eval()
+    return cache[key]
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
@@ -106,7 +142,11 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     labels_oriented = torch.zeros((n_slices, j_n, i_n), dtype=torch.uint8).permute(2, 1, 0)
     pre = slab_transform(pixel_spacing_mm=spec.pixel_spacing_mm)
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
-    network = _on_device(model, settings.device)
+    from medseg.inference.device import resolve_precision
+
+    settings.precision = resolve_precision(settings.device, settings.precision)
+    network = _with_precision(model, _on_device(model, settings.device), settings.device,
+                              settings.precision)
     on_gpu: dict[str, Any] = {}
     if settings.device != "cpu":  # windows on the GPU, stitching and outputs on the CPU
         on_gpu = {"sw_device": torch.device(settings.device), "device": torch.device("cpu")}

@@ -110,7 +110,9 @@ def derive_lung_labels(volume: CTVolume, model: Any = LABEL_MODEL
     from medseg.models import load_model
 
     loaded = load_model(model) if isinstance(model, (str, Path)) else model
-    u = postprocess_labels(unet_labels(volume, loaded, InferenceSettings()),
+    # fp32 whatever the CPU: derived labels (training, the suite's reference) are the
+    # same on every machine
+    u = postprocess_labels(unet_labels(volume, loaded, InferenceSettings(precision="fp32")),
                            volume.axial_axis())
     t = threshold_labels(volume)
     agree = label_metrics(u, t, volume.spacing[::-1])
