@@ -581,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medseg",
         description="Lung segmentation and reporting for chest CT. Reads DICOM folders "
         "(several series, compressed, enhanced multi-frame, DICOMDIR), NIfTI, NRRD and MHA.",
-        epilog="Run 'medseg COMMAND --help' for the options of a command.",
+        epilog="Run 'medseg COMMAND --help' for the options of a command. Environment: "
+        "MEDSEG_PRECISION=bf16 runs the network in bfloat16 (faster on CPUs with AVX512_BF16 "
+        "or AMX, but masks of hard cases change: docs/benchmarks.md); default fp32.",
     )
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

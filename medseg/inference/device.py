@@ -10,26 +10,23 @@ probabilities on the CPU (``SliceInferer(sw_device=cuda, device=cpu)``), so the 
 one batch of windows and the network, whatever the volume's size. Batch workers on a
 machine with several GPUs each pin one (:func:`worker_device`).
 
-Precision (:func:`resolve_precision`): on a CPU that computes bfloat16 in hardware (x86
-AVX512_BF16 or AMX-BF16) the network runs under bf16 autocast with channels-last
-activations, 1.7-2.5x faster there (docs/benchmarks.md); everywhere else in fp32. The
-masks differ from fp32 in a few hundred to a few thousand voxels of a study's border
-(Dice >= 0.999 to the fp32 mask on the real studies, robustness suite unchanged within
-its rounding: docs/benchmarks.md). ``MEDSEG_PRECISION=fp32`` forces fp32 (masks identical
-on every CPU), ``bf16`` forces bf16.
+Precision (:func:`resolve_precision`): fp32 by default, on every device. ``bf16``
+(``MEDSEG_PRECISION=bf16``) runs the network under bfloat16 autocast with channels-last
+activations, faster on a CPU with bf16 in hardware (AVX512_BF16, AMX), but it is not
+the default because it moves the decisions the network is least sure of: on the robustness
+suite inserted masses 93.6 -> 86.6 % inside the mask and 16 mL of an abdominal scan's gut
+gas labelled lung (docs/benchmarks.md, 2026-12-07).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
-from pathlib import Path
 
 from medseg.errors import ConfigError
 
-__all__ = ["DEVICES", "DEVICE_HELP", "PRECISIONS", "PRECISION_ENV", "cpu_has_native_bf16",
-           "device_argument", "resolve_device", "resolve_precision", "worker_device"]
+__all__ = ["DEVICES", "DEVICE_HELP", "PRECISIONS", "PRECISION_ENV", "device_argument",
+           "resolve_device", "resolve_precision", "worker_device"]
 
 #: What ``--device`` accepts (and ``cuda:N``).
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,37 +36,21 @@ DEVICE_HELP = ("where the network runs: cpu (default), cuda or cuda:N (an NVIDIA
                "error if torch sees none), auto (a GPU if there is one, else the CPU)")
 
 
-#: What ``MEDSEG_PRECISION`` accepts; ``auto`` (default) is bf16 on a CPU with native bf16.
-PRECISIONS = ("auto", "fp32", "bf16")
-#: The environment variable that overrides the network's precision.
+#: What ``MEDSEG_PRECISION`` (and ``precision`` of the settings) accepts.
+PRECISIONS = ("fp32", "bf16")
+#: The environment variable that chooses the network's precision (default fp32).
 PRECISION_ENV = "MEDSEG_PRECISION"
-_NATIVE_BF16 = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
 
 
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True where the CPU has bfloat16 arithmetic in hardware (the ``avx512_bf16`` or
-    ``amx_bf16`` flag in Linux's ``/proc/cpuinfo``); False where it cannot be told. Where
-    bf16 would only be emulated (AVX2, AVX-512 without BF16) fp32 is kept."""
-    try:
-        return _NATIVE_BF16.search(Path(cpuinfo).read_text(errors="replace")) is not None
-    except OSError:
-        return False
-
-
-def resolve_precision(device: str, name: str | None = None) -> str:
-    """``"fp32"`` or ``"bf16"``: the network's precision on ``device`` (a resolved device,
-    :func:`resolve_device`). ``name`` (else ``$MEDSEG_PRECISION``, else ``auto``): ``auto``
-    takes bf16 on a CPU with native bf16 and fp32 everywhere else (GPUs included); ``fp32``
-    or ``bf16`` force it. :class:`~medseg.errors.ConfigError` for anything else."""
-    text = (name or "auto").strip().lower()
+def resolve_precision(name: str | None = None) -> str:
+    """``"fp32"`` or ``"bf16"``: ``name``, else ``$MEDSEG_PRECISION``, else fp32;
+    :class:`~medseg.errors.ConfigError` for anything else."""
     source = "precision"
-    if text == "auto" and os.environ.get(PRECISION_ENV):
-        text, source = os.environ[PRECISION_ENV].strip().lower(), f"${PRECISION_ENV}"
+    if not name and os.environ.get(PRECISION_ENV):
+        name, source = os.environ[PRECISION_ENV], f"${PRECISION_ENV}"
+    text = (name or "fp32").strip().lower()
     if text not in PRECISIONS:
-        raise ConfigError(f"unknown {source} {text!r}: use {', '.join(PRECISIONS)}")
-    if text == "auto":
-        return "bf16" if device == "cpu" and cpu_has_native_bf16() else "fp32"
+        raise ConfigError(f"unknown {source} {text!r}: use {' or '.join(PRECISIONS)}")
     return text
 
 

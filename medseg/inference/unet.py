@@ -54,10 +54,10 @@ class InferenceSettings:
     #: torch device of the network: "cpu" (default), "cuda" or "cuda:N" (resolved, see
     #: :mod:`medseg.inference.device`); stitching stays on the CPU.
     device: str = "cpu"
-    #: "auto" (default: bf16 on a CPU with native bf16, else fp32), "fp32" or "bf16"
+    #: "fp32", "bf16", or None: ``$MEDSEG_PRECISION``, else fp32
     #: (:func:`medseg.inference.device.resolve_precision`); :func:`unet_labels` writes
     #: back the one it used.
-    precision: str = "auto"
+    precision: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: Filled by :func:`unet_labels`: the input's pixel noise (HU) and the in-plane
     #: anti-aliasing sigma (pixels) it chose (:func:`medseg.preprocess.antialias_sigma`).
@@ -144,7 +144,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     from medseg.inference.device import resolve_precision
 
-    settings.precision = resolve_precision(settings.device, settings.precision)
+    settings.precision = resolve_precision(settings.precision)
     network = _with_precision(model, _on_device(model, settings.device), settings.device,
                               settings.precision)
     on_gpu: dict[str, Any] = {}

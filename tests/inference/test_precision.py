@@ -1,57 +1,39 @@
-"""The network's precision: bf16 autocast on a CPU with native bf16, fp32 elsewhere;
-``MEDSEG_PRECISION`` forces either; the fp32 network is never changed by a bf16 run."""
+"""The network's precision: fp32 unless ``MEDSEG_PRECISION=bf16`` (or the settings) ask
+for bf16 autocast; the fp32 network is never changed by a bf16 run."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medseg.errors import ConfigError
-from medseg.inference import device as device_mod
-from medseg.inference.device import PRECISION_ENV, cpu_has_native_bf16, resolve_precision
+from medseg.inference.device import PRECISION_ENV, resolve_precision
 from medseg.inference.unet import InferenceSettings, random_model, unet_labels
 from medseg.synth import make_phantom
 
 
-def _native(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
-    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: value)
-
-
-def test_cpu_flags_decide_native_bf16(tmp_path: Path) -> None:
-    zen3 = tmp_path / "zen3"
-    zen3.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
-    zen5 = tmp_path / "zen5"
-    zen5.write_text("flags\t\t: avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n")
-    xeon = tmp_path / "xeon"
-    xeon.write_text("flags\t\t: avx512f avx512bw amx_bf16 amx_tile amx_int8\n")
-    skx = tmp_path / "skylake"  # AVX-512 without BF16: emulated, so fp32
-    skx.write_text("flags\t\t: avx512f avx512bw avx512vl avx512_vnni\n")
-    assert not cpu_has_native_bf16(str(zen3))
-    assert cpu_has_native_bf16(str(zen5))
-    assert cpu_has_native_bf16(str(xeon))
-    assert not cpu_has_native_bf16(str(skx))
-    assert not cpu_has_native_bf16(str(tmp_path / "no-such-file"))
-
-
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    _native(monkeypatch, True)
-    assert resolve_precision("cpu") == resolve_precision("cpu", "auto") == "bf16"
-    assert resolve_precision("cuda") == "fp32"  # GPUs stay fp32 unless asked
-    assert resolve_precision("cpu", "FP32") == "fp32"
-    _native(monkeypatch, False)
-    assert resolve_precision("cpu") == "fp32"
-    assert resolve_precision("cpu", "bf16") == "bf16"
+    assert resolve_precision() == resolve_precision(None) == "fp32"  # the default
+    assert resolve_precision(" BF16") == "bf16"
     monkeypatch.setenv(PRECISION_ENV, "bf16")
-    assert resolve_precision("cpu") == "bf16"
-    assert resolve_precision("cpu", "fp32") == "fp32"  # the caller's choice wins
+    assert resolve_precision() == "bf16"
+    assert resolve_precision("fp32") == "fp32"  # the caller's choice wins
     monkeypatch.setenv(PRECISION_ENV, "half")
     with pytest.raises(ConfigError, match=r"\$MEDSEG_PRECISION 'half'"):
-        resolve_precision("cpu")
+        resolve_precision()
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
-        resolve_precision("cpu", "fp16")
+        resolve_precision("fp16")
+
+
+def test_segment_records_the_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.segment import segment
+
+    vol, _ = make_phantom(seed=4, shape=(12, 96, 96))
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert segment(vol, model=random_model(), qc=False).model["precision"] == "fp32"
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    assert segment(vol, model=random_model(), qc=False).model["precision"] == "bf16"
 
 
 def test_bf16_labels_agree_and_leave_fp32_alone() -> None:
