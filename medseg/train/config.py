@@ -79,6 +79,10 @@ class TrainingConfig:
     #: Weight of inserted-lesion pixels in the cross-entropy (1 = like any pixel): a lesion
     #: is a small part of a crop, and the costly error is leaving it out of the lung.
     lesion_weight: float = 1.0
+    #: Weight of inserted-effusion pixels (not lung) in the cross-entropy: with lesions
+    #: weighed more and effusions not, calling fluid next to the lung "lung" costs the
+    #: network less than leaving a lesion out, and it learns to (lung2d-v7).
+    effusion_weight: float = 1.0
     #: Share of training crops smoothly warped (elastic deformation, batched) and the
     #: standard deviation of the warp's displacements in mm.
     elastic_probability: float = 0.0
@@ -111,6 +115,10 @@ class TrainConfig:
         if not 0.0 <= self.training.elastic_probability <= 1.0:
             raise ConfigError("training.elastic_probability must be between 0 and 1, got "
                               f"{self.training.elastic_probability}")
+        for k in ("lesion_weight", "effusion_weight"):
+            if not getattr(self.training, k) > 0:
+                raise ConfigError(f"training.{k} must be above 0, got "
+                                  f"{getattr(self.training, k)}")
         if self.data.lesion_refresh_epochs < 0:
             raise ConfigError("data.lesion_refresh_epochs must be 0 (never) or more, got "
                               f"{self.data.lesion_refresh_epochs}")

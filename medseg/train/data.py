@@ -17,7 +17,8 @@ from medseg.train.config import DataConfig
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume
 
-__all__ = ["LESION_OFFSET", "Sample", "cip_reference", "lesion_variant", "prepare_slices",
+__all__ = ["EFFUSION_MARK", "LESION_OFFSET", "Sample", "cip_reference", "lesion_variant",
+           "prepare_slices",
            "validation_cut"]
 
 
@@ -161,6 +162,9 @@ def _from_hu(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 #: Training labels of inserted-lesion pixels: their lung label plus this offset (the loss
 #: maps them back and weights them; see :class:`MaskedDiceCE`).
 LESION_OFFSET = 100
+#: Training label of inserted-effusion pixels (background, not lung; the loss maps them to
+#: 0 and weighs them with ``training.effusion_weight``, see :class:`MaskedDiceCE`).
+EFFUSION_MARK = 200
 
 
 def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.random.Generator,
@@ -168,7 +172,8 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
                    mark_lesions: bool = False) -> Sample:
     """A copy of a prepared real study with pathology inserted (labels known by
     construction: lesions stay lung, an effusion leaves it; :mod:`.lesions`). With
-    ``mark_lesions`` lesion pixels are labelled lung + :data:`LESION_OFFSET` (training)."""
+    ``mark_lesions`` (training) lesion pixels are labelled lung + :data:`LESION_OFFSET`
+    and effusion pixels :data:`EFFUSION_MARK`, so that the loss can weigh both."""
     from medseg.train.lesions import insert_random_pathology
 
     # prepared stacks are (S, L, P); the lesion code works in (S, P, L)
@@ -187,7 +192,7 @@ def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.rando
             lesion |= f.mask
     # lesion voxels are lung by construction: never ignored; effusion voxels are not lung
     lab = np.where(lesion, lung_lab + (LESION_OFFSET if mark_lesions else 0), lab)
-    lab[effusion] = 0
+    lab[effusion] = EFFUSION_MARK if mark_lesions else 0
     focus = np.flatnonzero((lesion | effusion).any(axis=(1, 2)))
     return Sample(name, np.ascontiguousarray(_from_hu(hu).transpose(0, 2, 1)),
                   np.ascontiguousarray(lab.transpose(0, 2, 1)), base.weight, focus,

@@ -13,7 +13,7 @@ import yaml
 from medseg.models import ModelSpec
 from medseg.synth import make_phantom
 from medseg.train import MaskedDiceCE, Sample, load_train_config
-from medseg.train.data import LESION_OFFSET, lesion_variant
+from medseg.train.data import EFFUSION_MARK, LESION_OFFSET, lesion_variant
 from medseg.train.lesions import (
     LUNG_KINDS,
     from_canonical,
@@ -120,6 +120,25 @@ def test_lesion_pixels_weigh_more_and_count_as_lung() -> None:
     assert gain_marked > gain_plain > 0
 
 
+def test_effusion_pixels_are_background_and_weigh_effusion_weight() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(1, 3, 6, 6)
+    plain = torch.zeros(1, 1, 6, 6, dtype=torch.long)
+    plain[..., 3:, :] = 1
+    marked = plain.clone()
+    marked[..., :2, :2] = EFFUSION_MARK
+    # weight 1 (the default): a marked effusion pixel is just background
+    assert torch.isclose(MaskedDiceCE()(logits, marked), MaskedDiceCE()(logits, plain))
+    worse = logits.clone()
+    worse[0, 1, :2, :2] += 5.0  # the fluid called right lung
+
+    def gain(t: torch.Tensor, **w: float) -> torch.Tensor:
+        return MaskedDiceCE(**w)(worse, t) - MaskedDiceCE(**w)(logits, t)
+    assert gain(marked, effusion_weight=4) > gain(plain, effusion_weight=4) > 0
+    # the lesion weight does not touch effusion pixels, nor the effusion weight lesions
+    assert torch.isclose(gain(marked, lesion_weight=4), gain(plain, lesion_weight=4))
+
+
 def test_sampler_cuts_the_field_of_view_to_air_with_labels() -> None:
     img = np.full((5, 64, 64), 0.5, np.float32)
     lab = np.ones((5, 64, 64), np.uint8)
@@ -208,6 +227,8 @@ def test_lesion_copies_are_drawn_again_in_place() -> None:
         TrainConfig(data=DataConfig(lesion_refresh_epochs=-1))
     with pytest.raises(ConfigError, match="elastic_probability"):
         TrainConfig(training=TrainingConfig(elastic_probability=1.5))
+    with pytest.raises(ConfigError, match="effusion_weight"):
+        TrainConfig(training=TrainingConfig(effusion_weight=0.0))
     assert _refresh_lesions(samples, spec, cfg.data, [1, 2]) == 1
     new = samples[2]
     assert samples[0] is phantom and samples[1] is base and new is not old
