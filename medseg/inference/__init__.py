@@ -11,8 +11,8 @@ SLAB_SLICES = 16
 
 #: The model ``medseg segment`` uses unless told otherwise (``medseg.models`` re-exports it;
 #: defined here so that argument parsing need not import torch).
-DEFAULT_MODEL = "lung2d-v2"
+DEFAULT_MODEL = "lung2d-v8"
 #: The model whose masks, where the threshold baseline agrees, label the real CT that
-#: lung2d-v2 was trained on and the robustness suite's LIDC reference
+#: lung2d-v2 and -v8 were trained on and the robustness suite's LIDC reference
 #: (:func:`medseg.train.realct.derive_lung_labels`).
 LABEL_MODEL = "lung2d-v1"

@@ -194,55 +194,53 @@ def test_lateral_crop_cuts_the_lung_at_the_image_border(direction: np.ndarray) -
         assert np.array_equal(crop.array, vol.array[box])
 
 
-#: What the shipped model (lung2d-v2, with rule 4 of the postprocessing) meets: every
-#: targeted row of the suite, as measured on 2026-11-30 by `medseg validate-model --suite
-#: robustness` (values in the comments; the table is in docs/model-card.md). Keys are
-#: (case, measure prefix); True = the row must pass, False = reported, and the shipped
-#: model misses it (issue 12 is open for these: inserted consolidation and masses not yet
-#: >= 95 % inside, one thick effusion 10 % inside, the rotation and thick-slice variants
-#: just under their targets; the noise variant passes since noisy studies are
-#: anti-aliased, 0.9944).
+#: What the shipped model (lung2d-v8, with today's postprocessing) meets: every targeted
+#: row of the suite, as measured on 2026-12-07 by `medseg validate-model --suite robustness`
+#: (values in the comments; the table is in docs/model-card.md). Keys are (case, measure
+#: prefix); True = the row must pass, False = reported, and the shipped model misses it
+#: (issue 12 is open for these: inserted consolidation 60 % inside, two right effusions
+#: 7 % and 12 % inside, the rotation and thick-slice variants just under their targets).
 SHIPPED_MEETS: dict[tuple[str, str], bool] = {
-    ('lidc', 'Dice right vs reference'): True,  # 0.9852
-    ('lidc', 'Dice left vs reference'): True,  # 0.9868
-    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9848
-    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9828
-    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9797
-    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 60.2417
-    ('lidc+lesions', '% mass voxels in lung'): False,  # 93.6373
-    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): True,  # 4.9194
-    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 2.2995
-    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9838
-    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): False,  # 9.6852
-    ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 2.7608
-    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9784
-    ('lidc nodules', '% nodule voxels in lung'): True,  # 99.9868
+    ('lidc', 'Dice right vs reference'): True,  # 0.9843
+    ('lidc', 'Dice left vs reference'): True,  # 0.9944
+    ('lidc+lesions 1', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9834
+    ('lidc+lesions 2', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9832
+    ('lidc+lesions 3', 'Dice min(R,L) vs lung+lesion ref'): True,  # 0.9762
+    ('lidc+lesions', '% consolidation voxels in lung'): False,  # 60.2264
+    ('lidc+lesions', '% mass voxels in lung'): True,  # 96.9377
+    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): False,  # 7.0695
+    ('lidc+effusion 1', '% effusion left 35 mm labelled lung'): True,  # 1.3745
+    ('lidc+effusion 1', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9842
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): False,  # 12.0303
+    ('lidc+effusion 2', '% effusion left 15 mm labelled lung'): True,  # 4.7183
+    ('lidc+effusion 2', 'Dice min(R,L) vs ref without fluid'): True,  # 0.9774
+    ('lidc nodules', '% nodule voxels in lung'): True,  # 100.0
     ('totalseg abdomen', 'mL lung label on gut gas'): True,  # 0.0
-    ('totalseg abdomen', 'mL lung label outside the reference bases'): True,  # 10.4
-    ('totalseg abdomen', 'right base recall'): True,  # 0.9757
-    ('totalseg abdomen', 'left base recall'): True,  # 0.9257
-    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9552
-    ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0168
-    ('crop left hemithorax', 'Dice left vs cropped ref'): True,  # 0.9816
-    ('crop left hemithorax', '% lung labelled the wrong side'): True,  # 0.0312
-    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 0.9898
-    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 0.9967
-    ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0002
-    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9776
-    ('crop base 40 %', 'Dice left vs cropped ref'): False,  # 0.8965
+    ('totalseg abdomen', 'mL lung label outside the reference bases'): True,  # 11.475
+    ('totalseg abdomen', 'right base recall'): True,  # 0.9864
+    ('totalseg abdomen', 'left base recall'): True,  # 0.9566
+    ('crop right hemithorax', 'Dice right vs cropped ref'): True,  # 0.9765
+    ('crop right hemithorax', '% lung labelled the wrong side'): True,  # 0.0057
+    ('crop left hemithorax', 'Dice left vs cropped ref'): True,  # 0.9863
+    ('crop left hemithorax', '% lung labelled the wrong side'): True,  # 0.0
+    ('crop apex 40 %', 'Dice right vs cropped ref'): True,  # 0.9943
+    ('crop apex 40 %', 'Dice left vs cropped ref'): True,  # 0.9973
+    ('crop apex 40 %', '% lung labelled the wrong side'): True,  # 0.0001
+    ('crop base 40 %', 'Dice right vs cropped ref'): True,  # 0.9615
+    ('crop base 40 %', 'Dice left vs cropped ref'): True,  # 0.9783
     ('crop base 40 %', '% lung labelled the wrong side'): True,  # 0.0
-    ('crop matrix cuts the right lung 20 mm', 'Dice right vs cropped ref'): True,  # 0.9853
-    ('crop matrix cuts the right lung 20 mm', 'Dice left vs cropped ref'): True,  # 0.9875
-    ('crop matrix cuts the right lung 20 mm', '% lung labelled the wrong side'): True,
-    ('crop matrix cuts the left lung 20 mm', 'Dice right vs cropped ref'): True,  # 0.9819
-    ('crop matrix cuts the left lung 20 mm', 'Dice left vs cropped ref'): True,  # 0.9863
-    ('crop matrix cuts the left lung 20 mm', '% lung labelled the wrong side'): True,
-    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): True,  # 0.9944
-    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9667
-    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.9765
+    ('crop matrix cuts the right lung 20 mm', 'Dice right vs cropped ref'): True,  # 0.9861
+    ('crop matrix cuts the right lung 20 mm', 'Dice left vs cropped ref'): True,  # 0.9933
+    ('crop matrix cuts the right lung 20 mm', '% lung labelled the wrong side'): True,  # 0.0
+    ('crop matrix cuts the left lung 20 mm', 'Dice right vs cropped ref'): True,  # 0.9872
+    ('crop matrix cuts the left lung 20 mm', 'Dice left vs cropped ref'): True,  # 0.9939
+    ('crop matrix cuts the left lung 20 mm', '% lung labelled the wrong side'): True,  # 0.0001
+    ('consistency', 'noise 80 HU: Dice min(R,L) vs clean mask'): True,  # 0.9945
+    ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): False,  # 0.9696
+    ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): False,  # 0.9769
     ('consistency', 'reversed storage: voxels differing from clean'): True,  # 0.0
-    ('cip-ct64 held-out', 'Dice right'): True,  # 0.9877
-    ('cip-ct64 held-out', 'Dice left'): True,  # 0.9847
+    ('cip-ct64 held-out', 'Dice right'): True,  # 0.9874
+    ('cip-ct64 held-out', 'Dice left'): True,  # 0.9852
     ('bad input', 'MR series'): True,  # refused
     ('bad input', 'non-HU 0..4095'): True,  # refused
     ('bad input', 'all air'): True,  # refused
@@ -252,9 +250,8 @@ SHIPPED_MEETS: dict[tuple[str, str], bool] = {
 #: effusion" rows.)
 SHIPPED_FLOORS: dict[tuple[str, str], float] = {
     ('lidc+lesions', '% consolidation voxels in lung'): 57.0,
-    ('lidc+lesions', '% mass voxels in lung'): 90.0,
-    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): 10.0,
-    ('crop base 40 %', 'Dice left vs cropped ref'): 0.88,
+    ('lidc+effusion 1', '% effusion right 15 mm labelled lung'): 8.5,
+    ('lidc+effusion 2', '% effusion right 35 mm labelled lung'): 13.5,
     ('consistency', 'rotation 12 deg: Dice min(R,L) vs clean mask'): 0.96,
     ('consistency', '5 mm slices: Dice min(R,L) vs clean mask'): 0.97,
 }

@@ -273,6 +273,25 @@ def test_v2_pipeline_config_is_valid() -> None:
     yaml.safe_load((REPO / "pipelines" / "train_lung2d_v2.yaml").read_text())
 
 
+def test_shipped_v8_pipeline_config_is_the_shipped_models_recipe() -> None:
+    """pipelines/train_lung2d_v8.yaml is what trained the shipped weights (their card holds
+    the config it ran with)."""
+    import json
+
+    from medseg.inference import DEFAULT_MODEL
+    from medseg.models import _weights_dir
+
+    cfg = load_train_config(REPO / "pipelines" / "train_lung2d_v8.yaml")
+    assert cfg.name == DEFAULT_MODEL == "lung2d-v8"
+    assert cfg.data.real_val and not set(cfg.data.real_val) & set(cfg.data.real_train)
+    assert (cfg.training.init_weights, cfg.training.effusion_weight) == ("lung2d-v2", 4.0)
+    card = json.loads((_weights_dir() / "lung2d-v8.json").read_text())
+    ran = card["training"]["config"]
+    assert ran["training"]["effusion_weight"] == cfg.training.effusion_weight
+    assert ran["data"]["lesion_refresh_epochs"] == cfg.data.lesion_refresh_epochs == 2
+    assert ran["data"]["effusion_probability"] == cfg.data.effusion_probability == 0.6
+
+
 @pytest.mark.parametrize(("step_mm", "slice_mm", "step"),
                          [(0.0, 2.5, 1), (5.0, 2.5, 2), (5.0, 1.0, 5), (5.0, 5.0, 1),
                           (5.0, 7.0, 1), (5.0, 0.0, 1)])

@@ -1,0 +1,80 @@
+"""The network in fp32 against bf16 autocast (``MEDSEG_PRECISION=bf16``), same process, same
+study: time of the network stage and how much the raw masks differ.
+
+    python benchmarks/precision.py [--input PATH] [--runs N] [--threads N]
+
+Default input: ../shared/data/chest-ct-philips-141. Runs ``unet_labels`` (the shipped
+model, one warm-up each) alternating fp32 and bf16 ``--runs`` times and prints the median
+network seconds of each, their ratio, and the bf16 mask against the fp32 one (voxels that
+differ, Dice per lung). bf16 is fast only where the CPU computes it in hardware (the
+``avx512_bf16`` or ``amx_bf16`` CPU flag, printed); elsewhere torch emulates it.
+What bf16 does to the hard cases is measured by the robustness suite:
+``MEDSEG_PRECISION=bf16 medseg validate-model --suite robustness -o out/rob_bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def cpu_line() -> str:
+    """The CPU's model name and whether it has bf16 in hardware (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"model name\s*:\s*(.*)", text)
+    family = re.search(r"cpu family\s*:\s*(\d+)", text)
+    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text)))
+    return (f"{name.group(1) if name else platform.machine()}, family "
+            f"{family.group(1) if family else '?'}, flags: {' '.join(flags) or 'none of'} "
+            f"(avx2 avx512f avx512_bf16 amx_bf16 looked for)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from medseg.evaluate import label_metrics
+    from medseg.inference.unet import InferenceSettings, unet_labels
+    from medseg.io import load
+    from medseg.models import load_model
+
+    volume = load(args.input)
+    model = load_model()
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    masks: dict[str, np.ndarray] = {}
+    for i in range(args.runs + 1):  # run 0 is the warm-up of each
+        for precision in ("fp32", "bf16"):
+            s = InferenceSettings(threads=args.threads, precision=precision)
+            masks[precision] = unet_labels(volume, model, s)
+            if i:
+                times[precision].append(s.timings["network_s"])
+    med = {p: statistics.median(t) for p, t in times.items()}
+    m = label_metrics(masks["bf16"], masks["fp32"], volume.spacing[::-1])
+    print(f"CPU: {cpu_line()}; {args.threads} threads")
+    print(f"input: {args.input} {volume.shape}")
+    for p in ("fp32", "bf16"):
+        print(f"network {p}: median {med[p]:.3f} s of {args.runs} runs "
+              f"({', '.join(f'{t:.3f}' for t in times[p])})")
+    print(f"fp32 / bf16: {med['fp32'] / med['bf16']:.2f}x")
+    print(f"bf16 vs fp32 raw masks: {int((masks['bf16'] != masks['fp32']).sum())} voxels "
+          f"differ; Dice right {m['right']['dice']:.5f}, left {m['left']['dice']:.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
