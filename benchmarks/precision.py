@@ -16,27 +16,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+from benchmarks.segment_before_after import cpu_name  # noqa: E402
 
 
 def cpu_line() -> str:
-    """The CPU's model name and whether it has bf16 in hardware (Linux)."""
+    """The CPU's model name and which of the vector / bf16 flags it has (Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return platform.processor() or platform.machine()
-    name = re.search(r"model name\s*:\s*(.*)", text)
+        return cpu_name()
     family = re.search(r"cpu family\s*:\s*(\d+)", text)
     flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text)))
-    return (f"{name.group(1) if name else platform.machine()}, family "
-            f"{family.group(1) if family else '?'}, flags: {' '.join(flags) or 'none of'} "
-            f"(avx2 avx512f avx512_bf16 amx_bf16 looked for)")
+    return (f"{cpu_name()}, family {family.group(1) if family else '?'}, flags: "
+            f"{' '.join(flags) or 'none'} (of avx2 avx512f avx512_bf16 amx_bf16)")
 
 
 def main() -> int:
