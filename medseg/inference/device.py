@@ -14,8 +14,8 @@ Precision (:func:`resolve_precision`): fp32 by default, on every device. ``bf16`
 (``MEDSEG_PRECISION=bf16``) runs the network under bfloat16 autocast with channels-last
 activations, faster on a CPU with bf16 in hardware (AVX512_BF16, AMX), but it is not
 the default because it moves the decisions the network is least sure of: on the robustness
-suite inserted masses 93.6 -> 86.6 % inside the mask and 16 mL of an abdominal scan's gut
-gas labelled lung (docs/benchmarks.md, 2026-12-07).
+suite (lung2d-v2) inserted masses 93.6 -> 86.6 % inside the mask and 16 mL of an abdominal
+scan's gut gas labelled lung (docs/benchmarks.md, 2026-12-07).
 """
 
 from __future__ import annotations

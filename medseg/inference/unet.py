@@ -107,13 +107,10 @@ def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
         return network
     import copy
 
-    cache: dict[tuple[str, int], torch.nn.Module] = model.__dict__.setdefault(
-        "_bf16_networks", {})
-    key = (device, id(network))
-    if key not in cache:
+    if device not in model.bf16_networks:
         net = copy.deepcopy(network).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        cache[key] = _Bf16(net, torch.device(device).type).eval()
-    return cache[key]
+        model.bf16_networks[device] = _Bf16(net, torch.device(device).type).eval()
+    return model.bf16_networks[device]
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,

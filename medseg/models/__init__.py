@@ -87,6 +87,10 @@ class LoadedModel:
     network: torch.nn.Module
     sha256: str
     path: str
+    #: The network's bf16 form per device, made on first use
+    #: (:func:`medseg.inference.unet.unet_labels` with precision bf16).
+    bf16_networks: dict[str, torch.nn.Module] = field(default_factory=dict, init=False,
+                                                      repr=False, compare=False)
 
 
 def build_network(spec: ModelSpec) -> UNet:

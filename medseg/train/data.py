@@ -18,8 +18,7 @@ from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume
 
 __all__ = ["EFFUSION_MARK", "LESION_OFFSET", "Sample", "cip_reference", "lesion_variant",
-           "prepare_slices",
-           "validation_cut"]
+           "prepare_slices", "validation_cut"]
 
 
 # -- data -----------------------------------------------------------------------------------
