@@ -17,7 +17,7 @@ from medseg.train.config import DataConfig
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume
 
-__all__ = ["EFFUSION_MARK", "LESION_OFFSET", "Sample", "cip_reference", "lesion_variant",
+__all__ = ["DOME_MARK", "EFFUSION_MARK", "LESION_OFFSET", "Sample", "cip_reference", "lesion_variant",
            "prepare_slices", "validation_cut"]
 
 
@@ -164,6 +164,10 @@ LESION_OFFSET = 100
 #: Training label of inserted-effusion pixels (background, not lung; the loss maps them to
 #: 0 and weighs them with ``training.effusion_weight``, see :class:`MaskedDiceCE`).
 EFFUSION_MARK = 200
+#: Training label of background pixels just below a lung's floor (the abdomen under the
+#: diaphragm's dome; see :class:`~medseg.train.sampling.SliceSampler`), weighed with
+#: ``training.dome_weight``.
+DOME_MARK = 201
 
 
 def lesion_variant(base: Sample, slice_mm: float, spec: ModelSpec, rng: np.random.Generator,

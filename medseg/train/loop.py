@@ -22,6 +22,7 @@ from medseg.io.atomic import atomic_output, write_text
 from medseg.models import ModelSpec, build_network, sha256_of
 from medseg.train.config import DataConfig, TrainConfig
 from medseg.train.data import (
+    DOME_MARK,
     EFFUSION_MARK,
     LESION_OFFSET,
     Sample,
@@ -91,27 +92,32 @@ class MaskedDiceCE(torch.nn.Module):
     included) that leaves out voxels labelled ``ignore``: derived labels of real CT are
     uncertain there. Dice is computed over the whole batch per class. Inserted-lesion
     pixels (lung + :data:`LESION_OFFSET`) weigh ``lesion_weight`` in the cross-entropy,
-    inserted-effusion pixels (:data:`EFFUSION_MARK`, background) ``effusion_weight``."""
+    inserted-effusion pixels (:data:`EFFUSION_MARK`, background) ``effusion_weight``, the
+    abdomen under a lung's floor (:data:`DOME_MARK`, background) ``dome_weight``."""
 
     def __init__(self, ignore: int = IGNORE, smooth: float = 1e-5,
-                 lesion_weight: float = 1.0, effusion_weight: float = 1.0) -> None:
+                 lesion_weight: float = 1.0, effusion_weight: float = 1.0,
+                 dome_weight: float = 1.0) -> None:
         super().__init__()
         self.ignore = ignore
         self.smooth = smooth
         self.lesion_weight = lesion_weight
         self.effusion_weight = effusion_weight
+        self.dome_weight = dome_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         y = target[:, 0]
         valid = (y != self.ignore)
         effusion = valid & (y == EFFUSION_MARK)
-        lesion = valid & (y >= LESION_OFFSET) & ~effusion
-        y = torch.where(lesion, y - LESION_OFFSET, torch.where(effusion, 0, y))
+        dome = valid & (y == DOME_MARK)
+        lesion = valid & (y >= LESION_OFFSET) & ~effusion & ~dome
+        y = torch.where(lesion, y - LESION_OFFSET, torch.where(effusion | dome, 0, y))
         if valid.any():
             ce_map = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, 0),
                                                        reduction="none")
             weight = valid.to(ce_map.dtype) * (1.0 + (self.lesion_weight - 1.0) * lesion
-                                               + (self.effusion_weight - 1.0) * effusion)
+                                               + (self.effusion_weight - 1.0) * effusion
+                                               + (self.dome_weight - 1.0) * dome)
             ce = (ce_map * weight).sum() / weight.sum()
         else:
             ce = logits.sum() * 0
@@ -249,6 +255,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     sampler.fov_crop_probability = t.fov_crop_probability
     sampler.elastic_probability = t.elastic_probability
     sampler.elastic_px = t.elastic_mm / spec.pixel_spacing_mm
+    if t.dome_weight != 1.0:
+        sampler.dome_mm = t.dome_mm
     net = build_network(spec)
     if t.init_weights:
         from medseg.models import load_model
@@ -264,7 +272,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         log(f"training on {device} ({torch.cuda.get_device_name(device)})")
     opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    loss_fn = MaskedDiceCE(lesion_weight=t.lesion_weight, effusion_weight=t.effusion_weight)
+    loss_fn = MaskedDiceCE(lesion_weight=t.lesion_weight, effusion_weight=t.effusion_weight,
+                           dome_weight=t.dome_weight)
     divisor = 2 ** len(spec.strides)
     rows: list[dict[str, Any]] = []
     best, best_epoch, best_state = -1.0, 0, None

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import torch
 
 from medseg.models import ModelSpec
-from medseg.train.data import LESION_OFFSET, Sample
+from medseg.train.data import DOME_MARK, LESION_OFFSET, Sample
 
 __all__ = ["SliceSampler"]
 
@@ -60,7 +60,13 @@ class SliceSampler:
         w = np.array([s.weight for s in samples], float)
         self.p = w / w.sum()
         self.lung_slices: list[npt.NDArray[np.intp]] = []
+        #: Per sample, the lowest slice holding lung in each (I, J) column (-1 where none
+        #: does); see :meth:`_mark_dome`.
+        self.lung_floor: list[npt.NDArray[np.int32]] = []
         self.refresh()
+        #: Background pixels up to this many mm below their column's lung floor are labelled
+        #: :data:`DOME_MARK` (0: never).
+        self.dome_mm = 0.0
         self.aug = _augment()
         self.aug.set_random_state(seed=seed)
         self.fov_crop_probability = 0.0
@@ -72,10 +78,29 @@ class SliceSampler:
     def refresh(self) -> None:
         """Recompute what is drawn from each sample (after samples were replaced in place:
         same names and weights, new content)."""
-        self.lung_slices = [np.flatnonzero(
-            np.isin(s.label.reshape(s.label.shape[0], -1),
-                    (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET)).any(axis=1))
-            for s in self.samples]
+        self.lung_slices, self.lung_floor = [], []
+        for s in self.samples:
+            lung = np.isin(s.label, (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET))
+            self.lung_slices.append(np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)))
+            # oriented stacks run inferior -> superior: the floor is the first lung slice
+            self.lung_floor.append(np.where(lung.any(axis=0), lung.argmax(axis=0),
+                                            -1).astype(np.int32))
+
+    def _mark_dome(self, i: int, k: int, lab: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """Slice ``k``'s labels with the background pixels that lie at most ``dome_mm`` below
+        the lowest lung voxel of their column labelled :data:`DOME_MARK`: the liver, spleen
+        and stomach under the diaphragm's dome, which a network with context above and
+        below easily takes for consolidation at the lung base."""
+        s = self.samples[i]
+        if self.dome_mm <= 0 or not s.slice_mm > 0:
+            return lab
+        depth = self.lung_floor[i] - k  # slices below the floor (> 0 below it)
+        under = (depth > 0) & (depth * s.slice_mm <= self.dome_mm) & (lab == 0)
+        if not under.any():
+            return lab
+        out = lab.copy()
+        out[under] = DOME_MARK
+        return out
 
     def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]
               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
@@ -103,7 +128,7 @@ class SliceSampler:
             else:
                 k = int(self.rng.integers(0, s.image.shape[0]))
             img, lab = self._crop(_context(s.image, k, self.context, self.steps[i]),
-                                  s.label[k])
+                                  self._mark_dome(i, k, s.label[k]))
             d = self.aug({"image": torch.from_numpy(np.ascontiguousarray(img)),
                           "label": torch.from_numpy(lab[None].astype(np.float32))})
             x = torch.as_tensor(d["image"]).float()
