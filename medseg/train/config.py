@@ -89,6 +89,11 @@ class TrainingConfig:
     #: "consolidation" (lung2d-v10 labelled 77 mL of liver on LIDC-IDRI-0001).
     dome_weight: float = 1.0
     dome_mm: float = 40.0
+    #: Inserted-lesion pixels that lie under their column's lung floor, were they not lung
+    #: (within ``dome_mm``: a mass or consolidation at a lung's bottom, which looks like
+    #: the abdomen under the dome), weigh ``lesion_weight * dome_weight``: the dome weight
+    #: alone taught lung2d-v13 to drop them (masses 97 -> 90 % inside).
+    dome_lesions: bool = False
     #: Share of training crops smoothly warped (elastic deformation, batched) and the
     #: standard deviation of the warp's displacements in mm.
     elastic_probability: float = 0.0

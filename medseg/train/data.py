@@ -17,8 +17,8 @@ from medseg.train.config import DataConfig
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume
 
-__all__ = ["DOME_MARK", "EFFUSION_MARK", "LESION_OFFSET", "Sample", "cip_reference", "lesion_variant",
-           "prepare_slices", "validation_cut"]
+__all__ = ["BOTTOM_LESION_OFFSET", "DOME_MARK", "EFFUSION_MARK", "LESION_OFFSET", "Sample",
+           "cip_reference", "lesion_variant", "prepare_slices", "validation_cut"]
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -161,6 +161,11 @@ def _from_hu(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 #: Training labels of inserted-lesion pixels: their lung label plus this offset (the loss
 #: maps them back and weights them; see :class:`MaskedDiceCE`).
 LESION_OFFSET = 100
+#: Training labels of inserted-lesion pixels at the floor of their lung column (the lung,
+#: without the lesion, ends above them: a lesion at a lung's bottom, which looks like the
+#: abdomen under the dome): lung plus this offset, marked by the sampler with
+#: ``training.dome_lesions`` and weighed ``lesion_weight * dome_weight``.
+BOTTOM_LESION_OFFSET = 110
 #: Training label of inserted-effusion pixels (background, not lung; the loss maps them to
 #: 0 and weighs them with ``training.effusion_weight``, see :class:`MaskedDiceCE`).
 EFFUSION_MARK = 200

@@ -22,6 +22,7 @@ from medseg.io.atomic import atomic_output, write_text
 from medseg.models import ModelSpec, build_network, sha256_of
 from medseg.train.config import DataConfig, TrainConfig
 from medseg.train.data import (
+    BOTTOM_LESION_OFFSET,
     DOME_MARK,
     EFFUSION_MARK,
     LESION_OFFSET,
@@ -93,7 +94,8 @@ class MaskedDiceCE(torch.nn.Module):
     uncertain there. Dice is computed over the whole batch per class. Inserted-lesion
     pixels (lung + :data:`LESION_OFFSET`) weigh ``lesion_weight`` in the cross-entropy,
     inserted-effusion pixels (:data:`EFFUSION_MARK`, background) ``effusion_weight``, the
-    abdomen under a lung's floor (:data:`DOME_MARK`, background) ``dome_weight``."""
+    abdomen under a lung's floor (:data:`DOME_MARK`, background) ``dome_weight``, lesion
+    pixels at a lung's floor (lung + :data:`BOTTOM_LESION_OFFSET`) both."""
 
     def __init__(self, ignore: int = IGNORE, smooth: float = 1e-5,
                  lesion_weight: float = 1.0, effusion_weight: float = 1.0,
@@ -110,14 +112,19 @@ class MaskedDiceCE(torch.nn.Module):
         valid = (y != self.ignore)
         effusion = valid & (y == EFFUSION_MARK)
         dome = valid & (y == DOME_MARK)
-        lesion = valid & (y >= LESION_OFFSET) & ~effusion & ~dome
-        y = torch.where(lesion, y - LESION_OFFSET, torch.where(effusion | dome, 0, y))
+        bottom = valid & (y > BOTTOM_LESION_OFFSET) & (y < EFFUSION_MARK)
+        lesion = valid & (y > LESION_OFFSET) & (y < BOTTOM_LESION_OFFSET)
+        y = torch.where(lesion, y - LESION_OFFSET,
+                        torch.where(bottom, y - BOTTOM_LESION_OFFSET,
+                                    torch.where(effusion | dome, 0, y)))
         if valid.any():
             ce_map = torch.nn.functional.cross_entropy(logits, torch.where(valid, y, 0),
                                                        reduction="none")
             weight = valid.to(ce_map.dtype) * (1.0 + (self.lesion_weight - 1.0) * lesion
                                                + (self.effusion_weight - 1.0) * effusion
-                                               + (self.dome_weight - 1.0) * dome)
+                                               + (self.dome_weight - 1.0) * dome
+                                               + (self.lesion_weight * self.dome_weight - 1.0)
+                                               * bottom)
             ce = (ce_map * weight).sum() / weight.sum()
         else:
             ce = logits.sum() * 0
@@ -257,6 +264,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     sampler.elastic_px = t.elastic_mm / spec.pixel_spacing_mm
     if t.dome_weight != 1.0:
         sampler.dome_mm = t.dome_mm
+        sampler.dome_lesions = t.dome_lesions
     net = build_network(spec)
     if t.init_weights:
         from medseg.models import load_model

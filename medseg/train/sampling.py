@@ -10,7 +10,7 @@ import numpy.typing as npt
 import torch
 
 from medseg.models import ModelSpec
-from medseg.train.data import DOME_MARK, LESION_OFFSET, Sample
+from medseg.train.data import BOTTOM_LESION_OFFSET, DOME_MARK, LESION_OFFSET, Sample
 
 __all__ = ["SliceSampler"]
 
@@ -20,6 +20,11 @@ def _context(stack: npt.NDArray[np.float32], k: int, c: int, step: int = 1
     """Slice ``k`` with ``c`` neighbours each side, ``step`` slices apart (edges repeat)."""
     idx = np.clip(k + step * np.arange(-c, c + 1), 0, stack.shape[0] - 1)
     return stack[idx]
+
+
+def _floor(lung: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
+    """The first slice holding lung in each column of a (K, I, J) stack, -1 where none."""
+    return np.where(lung.any(axis=0), lung.argmax(axis=0), -1).astype(np.int32)
 
 
 def _augment() -> Any:
@@ -61,12 +66,16 @@ class SliceSampler:
         self.p = w / w.sum()
         self.lung_slices: list[npt.NDArray[np.intp]] = []
         #: Per sample, the lowest slice holding lung in each (I, J) column (-1 where none
-        #: does); see :meth:`_mark_dome`.
+        #: does), with inserted lesions and without them; see :meth:`_mark_dome`.
         self.lung_floor: list[npt.NDArray[np.int32]] = []
+        self.plain_floor: list[npt.NDArray[np.int32]] = []
         self.refresh()
         #: Background pixels up to this many mm below their column's lung floor are labelled
-        #: :data:`DOME_MARK` (0: never).
+        #: :data:`DOME_MARK` (0: never); with ``dome_lesions`` inserted-lesion pixels that
+        #: lie as far under the floor of their column's other lung are labelled lung +
+        #: :data:`BOTTOM_LESION_OFFSET`.
         self.dome_mm = 0.0
+        self.dome_lesions = False
         self.aug = _augment()
         self.aug.set_random_state(seed=seed)
         self.fov_crop_probability = 0.0
@@ -78,13 +87,14 @@ class SliceSampler:
     def refresh(self) -> None:
         """Recompute what is drawn from each sample (after samples were replaced in place:
         same names and weights, new content)."""
-        self.lung_slices, self.lung_floor = [], []
+        self.lung_slices, self.lung_floor, self.plain_floor = [], [], []
         for s in self.samples:
-            lung = np.isin(s.label, (1, 2, 1 + LESION_OFFSET, 2 + LESION_OFFSET))
+            plain = np.isin(s.label, (1, 2))
+            lung = plain | np.isin(s.label, (1 + LESION_OFFSET, 2 + LESION_OFFSET))
             self.lung_slices.append(np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)))
             # oriented stacks run inferior -> superior: the floor is the first lung slice
-            self.lung_floor.append(np.where(lung.any(axis=0), lung.argmax(axis=0),
-                                            -1).astype(np.int32))
+            self.lung_floor.append(_floor(lung))
+            self.plain_floor.append(_floor(plain))
 
     def _mark_dome(self, i: int, k: int, lab: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """Slice ``k``'s labels with the background pixels that lie at most ``dome_mm`` below
@@ -96,10 +106,16 @@ class SliceSampler:
             return lab
         depth = self.lung_floor[i] - k  # slices below the floor (> 0 below it)
         under = (depth > 0) & (depth * s.slice_mm <= self.dome_mm) & (lab == 0)
-        if not under.any():
+        bottom = np.zeros_like(under)
+        if self.dome_lesions:
+            depth = self.plain_floor[i] - k
+            bottom = (depth > 0) & (depth * s.slice_mm <= self.dome_mm) & \
+                np.isin(lab, (1 + LESION_OFFSET, 2 + LESION_OFFSET))
+        if not under.any() and not bottom.any():
             return lab
         out = lab.copy()
         out[under] = DOME_MARK
+        out[bottom] += BOTTOM_LESION_OFFSET - LESION_OFFSET
         return out
 
     def _crop(self, img: npt.NDArray[np.float32], lab: npt.NDArray[np.uint8]

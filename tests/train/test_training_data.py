@@ -13,7 +13,13 @@ import yaml
 from medseg.models import ModelSpec
 from medseg.synth import make_phantom
 from medseg.train import MaskedDiceCE, Sample, load_train_config
-from medseg.train.data import EFFUSION_MARK, LESION_OFFSET, lesion_variant
+from medseg.train.data import (
+    BOTTOM_LESION_OFFSET,
+    DOME_MARK,
+    EFFUSION_MARK,
+    LESION_OFFSET,
+    lesion_variant,
+)
 from medseg.train.lesions import (
     LUNG_KINDS,
     from_canonical,
@@ -139,6 +145,82 @@ def test_effusion_pixels_are_background_and_weigh_effusion_weight() -> None:
     assert torch.isclose(gain(marked, lesion_weight=4), gain(plain, lesion_weight=4))
 
 
+def test_dome_pixels_are_background_and_weigh_dome_weight() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(1, 3, 6, 6)
+    plain = torch.zeros(1, 1, 6, 6, dtype=torch.long)
+    plain[..., 3:, :] = 2
+    marked = plain.clone()
+    marked[..., :2, :] = DOME_MARK
+    assert torch.isclose(MaskedDiceCE()(logits, marked), MaskedDiceCE()(logits, plain))
+    worse = logits.clone()
+    worse[0, 2, :2, :] += 5.0  # the liver under the dome called left lung
+
+    def gain(t: torch.Tensor, **w: float) -> torch.Tensor:
+        return MaskedDiceCE(**w)(worse, t) - MaskedDiceCE(**w)(logits, t)
+    assert gain(marked, dome_weight=4) > gain(plain, dome_weight=4) > 0
+    assert torch.isclose(gain(marked, effusion_weight=4), gain(plain, effusion_weight=4))
+
+
+def test_sampler_marks_the_abdomen_just_below_each_columns_lung_floor() -> None:
+    """Stacks run inferior -> superior. Lung fills slices 6-9 of the left half and 8-9 of
+    a lesion-marked square (still lung); the right half never holds lung. With 5 mm slices
+    and dome_mm 10, background two slices below a column's floor is marked, nothing else:
+    not lung, not ignored voxels, not columns without lung, not deeper slices."""
+    lab = np.zeros((10, 8, 8), np.uint8)
+    lab[6:, :, :4] = 1
+    lab[8:, :2, 4:6] = 1 + LESION_OFFSET
+    lab[4, 0, 0] = IGNORE
+    s = SliceSampler([Sample("x", np.zeros(lab.shape, np.float32), lab, slice_mm=5.0)],
+                     context=1, crop=8, seed=0)
+    assert np.array_equal(s._mark_dome(0, 5, lab[5]), lab[5])   # off by default
+    s.dome_mm = 10.0
+    for k in range(10):
+        got = s._mark_dome(0, k, lab[k])
+        want = lab[k].copy()
+        if k in (4, 5):
+            want[:, :4][want[:, :4] == 0] = DOME_MARK
+        if k in (6, 7):
+            want[:2, 4:6] = DOME_MARK
+        assert np.array_equal(got, want), k
+    assert s._mark_dome(0, 4, lab[4])[0, 0] == IGNORE
+    # the marks survive the crop and augmentation path into a batch
+    s.aug = lambda d: d
+    _, y = s.batch(32)
+    assert (y == DOME_MARK).any()
+    # dome_lesions: the lesion square's columns hold no other lung, so nothing is marked
+    # there; a lesion at the bottom of the left half's lung (under its other lung) is
+    assert not np.isin(s._mark_dome(0, 8, lab[8]), (1 + BOTTOM_LESION_OFFSET,)).any()
+    lab2 = lab.copy()
+    lab2[5, 2:4, 0:2] = 1 + LESION_OFFSET   # one slice under the lung of slices 6-9
+    lab2[7, 4:6, 0:2] = 1 + LESION_OFFSET   # inside the lung: lung above and below
+    s2 = SliceSampler([Sample("x", np.zeros(lab.shape, np.float32), lab2, slice_mm=5.0)],
+                      context=1, crop=8, seed=0)
+    s2.dome_mm, s2.dome_lesions = 10.0, True
+    got = s2._mark_dome(0, 5, lab2[5])
+    assert np.all(got[2:4, 0:2] == 1 + BOTTOM_LESION_OFFSET)
+    assert np.all(got[:2, 0:2] == DOME_MARK)    # the rest under the floor: abdomen
+    assert np.all(s2._mark_dome(0, 7, lab2[7])[4:6, 0:2] == 1 + LESION_OFFSET)
+
+
+def test_lesion_pixels_at_a_lungs_floor_weigh_both_weights() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 6, 6)
+    lesion = torch.ones(1, 1, 6, 6, dtype=torch.long)
+    lesion[..., :2, :] = 1 + LESION_OFFSET
+    bottom = lesion.clone()
+    bottom[..., :2, :] = 1 + BOTTOM_LESION_OFFSET
+    # no weights: a bottom lesion pixel is just lung, as a lesion pixel is
+    assert torch.isclose(MaskedDiceCE()(logits, bottom), MaskedDiceCE()(logits, lesion))
+    worse = logits.clone()
+    worse[0, 0, :2, :] += 5.0  # the lesion called background
+
+    def gain(t: torch.Tensor) -> torch.Tensor:
+        loss = MaskedDiceCE(lesion_weight=4, dome_weight=4)
+        return loss(worse, t) - loss(logits, t)
+    assert gain(bottom) > gain(lesion) > 0
+
+
 def test_sampler_cuts_the_field_of_view_to_air_with_labels() -> None:
     img = np.full((5, 64, 64), 0.5, np.float32)
     lab = np.ones((5, 64, 64), np.uint8)
@@ -229,6 +311,11 @@ def test_lesion_copies_are_drawn_again_in_place() -> None:
         TrainConfig(training=TrainingConfig(elastic_probability=1.5))
     with pytest.raises(ConfigError, match="effusion_weight"):
         TrainConfig(training=TrainingConfig(effusion_weight=0.0))
+    with pytest.raises(ConfigError, match="dome_weight"):
+        TrainConfig(training=TrainingConfig(dome_weight=-1.0))
+    assert TrainConfig().training.dome_lesions is False
+    with pytest.raises(ConfigError, match="dome_mm"):
+        TrainConfig(training=TrainingConfig(dome_mm=0.0))
     assert _refresh_lesions(samples, spec, cfg.data, [1, 2]) == 1
     new = samples[2]
     assert samples[0] is phantom and samples[1] is base and new is not old
