@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, Orientationd, ScaleIntensityRanged, Spacingd
 
+from medseg._monai import Compose, MetaTensor, Orientationd, ScaleIntensityRanged, Spacingd
 from medseg.hounsfield import check_hounsfield
 from medseg.volume import CTVolume
 

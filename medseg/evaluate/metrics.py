@@ -41,7 +41,6 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from scipy.spatial import KDTree
 
 from medseg.errors import InputError
 
@@ -287,6 +286,10 @@ def _surface_distances(
     Exact Euclidean nearest-neighbour distances from a KD-tree over the border voxels of the
     other mask; border voxels shared by both masks have distance 0 and are not queried.
     """
+    # imported here: scipy.spatial costs 0.16 s, and most commands that import the metrics
+    # (segment's report, QC) never measure a surface distance
+    from scipy.spatial import KDTree
+
     sp = np.asarray(spacing, dtype=np.float64)
     ba = _border(a).ravel()
     bb = _border(b).ravel()

@@ -17,10 +17,8 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.data import MetaTensor
-from monai.inferers import SliceInferer
-from monai.transforms import Invertd
 
+from medseg._monai import Invertd, MetaTensor, SliceInferer
 from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
 from medseg.models import LoadedModel
 from medseg.preprocess import (

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets import UNet
 
+from medseg._monai import UNet
 from medseg.checksums import sha256_file as sha256_of
 from medseg.errors import ConfigError, UnreadableFileError
 from medseg.inference import DEFAULT_MODEL

@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
-from monai.data import MetaTensor
 
+from medseg._monai import MetaTensor
 from medseg.models import ModelSpec
 from medseg.train.config import DataConfig
 from medseg.train.realct import IGNORE
@@ -26,8 +26,7 @@ def prepare_slices(image: CTVolume, labels: CTVolume | None, spec: ModelSpec
                    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
     """The model's view of a volume, exactly as inference builds it: oriented, resampled in
     plane, HU scaled. Returns image (K, I', J') float32 and labels (K, I', J') uint8."""
-    from monai.transforms import Spacingd
-
+    from medseg._monai import Spacingd
     from medseg.preprocess import (
         orientation_transform,
         slab_as_2d,
