@@ -1,7 +1,8 @@
 """The package's layering, checked on the source (an AST walk, no imports):
 
 * no module imports a ``_private`` name or module of another subpackage (the root
-  package's own ``medseg._version`` and ``medseg._alloc`` are shared by all);
+  package's own ``medseg._version``, ``medseg._alloc``, ``medseg._lazy`` and
+  ``medseg._monai`` are shared by all);
 * ``medseg.io`` imports nothing above it: only itself, ``medseg.errors``,
   ``medseg.volume``, ``medseg.conventions`` and ``medseg._version``
   (ARCHITECTURE.md: "IO receives what it writes");
@@ -23,7 +24,7 @@ IO_MAY_IMPORT = ("medseg.io", "medseg.errors", "medseg.volume", "medseg.conventi
 #: Subpackages a subpackage must never import (ARCHITECTURE.md).
 FORBIDDEN = {"batch": ("pacs", "node")}
 #: Private modules of the root package, shared by every subpackage.
-ROOT_PRIVATE = ("medseg._version", "medseg._alloc", "medseg._lazy")
+ROOT_PRIVATE = ("medseg._version", "medseg._alloc", "medseg._lazy", "medseg._monai")
 
 
 def _module_name(path: Path) -> str:
