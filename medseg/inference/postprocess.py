@@ -347,25 +347,30 @@ def midline_x(hu: npt.NDArray[Any], geometry: Geometry, axial_axis: int,
     if touching[has].mean() > CROPPED_SLICE_FRACTION:
         return 0.0, "isocentre"
     origin = np.asarray(geometry.origin, float)
-    # index offsets of each axis in world x and y (standard orientations: x = lateral only)
-    xa = cx[axial_axis] * ia[:, None, None] + cx[apx] * iy[None, :, None] + \
-        cx[lat] * il[None, None, :] + origin[0]
+
+    def world_x(a: npt.ArrayLike, y: npt.ArrayLike, la: npt.ArrayLike) -> npt.NDArray[Any]:
+        # index offsets of each axis in world x (standard orientations: x = lateral only)
+        return np.asarray(cx[axial_axis] * a + cx[apx] * y + cx[lat] * la + origin[0])
+
     lateral = np.asarray(body.any(axis=1), bool)
     ok = has & ~touching
     first = np.argmax(lateral, axis=1)
     last = lateral.shape[1] - 1 - np.argmax(lateral[:, ::-1], axis=1)
-    mid_ap = xa[:, xa.shape[1] // 2, :]
+    # the middle antero-posterior row of each slice, and the body's left-right centre on it
+    mid_ap = world_x(ia[:, None], iy[len(iy) // 2], il[None, :])
     rows = np.arange(len(ia))
     centres = (mid_ap[rows, first] + mid_ap[rows, last]) / 2.0
     centre = float(np.median(centres[ok]))
     ya = cy[axial_axis] * ia[:, None, None] + cy[apx] * iy[None, :, None] + \
         cy[lat] * il[None, None, :] + origin[1]
     posterior = ya > float(np.median(ya))   # LPS: +y is posterior
-    bone = (view > SPINE_MIN_HU) & (np.abs(xa - centre) < SPINE_BAND_MM) & posterior
-    bone &= ok[:, None, None]
+    # bone behind the body's centre: world x only where there is bone (a few % of the grid)
+    ka, ky, kl = np.nonzero((view > SPINE_MIN_HU) & posterior & ok[:, None, None])
+    bx = world_x(ia[ka], iy[ky], il[kl])
+    bx = bx[np.abs(bx - centre) < SPINE_BAND_MM]
     sample_ml = float(np.prod([spacing[a] * max(1, (sl[a].step or 1)) for a in range(3)])) / 1000
-    if np.count_nonzero(bone) * sample_ml >= SPINE_MIN_ML:
-        return float(np.median(np.broadcast_to(xa, bone.shape)[bone])), "spine"
+    if bx.size * sample_ml >= SPINE_MIN_ML:
+        return float(np.median(bx)), "spine"
     return centre, "body"
 
 
