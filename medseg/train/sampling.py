@@ -14,6 +14,9 @@ from medseg.train.data import BOTTOM_LESION_OFFSET, DOME_MARK, LESION_OFFSET, Sa
 
 __all__ = ["SliceSampler"]
 
+#: Training labels of inserted-lesion pixels (lung + :data:`LESION_OFFSET`).
+_LESION_LABELS = (1 + LESION_OFFSET, 2 + LESION_OFFSET)
+
 
 def _context(stack: npt.NDArray[np.float32], k: int, c: int, step: int = 1
              ) -> npt.NDArray[np.float32]:
@@ -90,7 +93,7 @@ class SliceSampler:
         self.lung_slices, self.lung_floor, self.plain_floor = [], [], []
         for s in self.samples:
             plain = np.isin(s.label, (1, 2))
-            lung = plain | np.isin(s.label, (1 + LESION_OFFSET, 2 + LESION_OFFSET))
+            lung = plain | np.isin(s.label, _LESION_LABELS)
             self.lung_slices.append(np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)))
             # oriented stacks run inferior -> superior: the floor is the first lung slice
             self.lung_floor.append(_floor(lung))
@@ -110,7 +113,7 @@ class SliceSampler:
         if self.dome_lesions:
             depth = self.plain_floor[i] - k
             bottom = (depth > 0) & (depth * s.slice_mm <= self.dome_mm) & \
-                np.isin(lab, (1 + LESION_OFFSET, 2 + LESION_OFFSET))
+                np.isin(lab, _LESION_LABELS)
         if not under.any() and not bottom.any():
             return lab
         out = lab.copy()
