@@ -10,7 +10,9 @@ reference written down here (and in ``docs/concepts/robustness.md``):
    on it by construction; for another model it is a fair check of agreement.
 2. ``lidc+lesions``: copies of it with lesions inserted (:func:`insert_lesion`, canonical
    frame, native grid); per kind the % of lesion voxels inside the predicted lung, and the
-   Dice of each copy vs the (unchanged) lung reference: a lesion is lung.
+   Dice of each copy vs the (unchanged) lung reference: a lesion is lung. Each lesion's own
+   % is reported too (no target), and the notes say how much of what it missed has no
+   lung under it (:func:`missed_without_lung_below`).
 3. ``lidc+effusion``: posterior effusions right and left; % of fluid labelled lung and Dice
    vs the reference with the fluid taken out.
 4. ``lidc nodules``: the four readers' nodule contours of ``069.xml`` (union of the
@@ -45,8 +47,8 @@ from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
 
 __all__ = ["NoduleRoi", "RobustnessRow", "crop_volume", "hemithorax_crop", "lateral_crop",
-           "nodule_mask", "parse_lidc_xml", "rows_markdown", "run_robustness", "slab_crop",
-           "totalseg_reference"]
+           "missed_without_lung_below", "nodule_mask", "parse_lidc_xml", "rows_markdown",
+           "run_robustness", "slab_crop", "totalseg_reference"]
 
 #: Lesions inserted in each LIDC copy: (kind, anchor, side, diameter mm); fixed.
 LESION_COPIES: tuple[tuple[tuple[str, str, int, float], ...], ...] = (
@@ -111,6 +113,21 @@ def _dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_],
 def _side_dice(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[int, float]:
     valid = ref != IGNORE
     return {s: _dice(pred == s, ref == s, valid) for s in (1, 2)}
+
+
+def missed_without_lung_below(missed: npt.NDArray[np.bool_], lung: npt.NDArray[np.bool_]
+                              ) -> float:
+    """% of the ``missed`` voxels that have no ``lung`` voxel below them in their (y, x)
+    column (arrays in the canonical frame: axis 0 runs inferior -> superior). A lesion the
+    model leaves out because it sits on something that is not lung (the diaphragm's dome,
+    the aortic arch) has none; one cut off at the chest wall or the mediastinum has lung
+    under it."""
+    n = int(np.count_nonzero(missed))
+    if n == 0:
+        return float("nan")
+    below = np.zeros_like(lung)
+    below[1:] = np.logical_or.accumulate(lung, axis=0)[:-1]
+    return 100.0 * int(np.count_nonzero(missed & ~below)) / n
 
 
 def _pct_inside(mask: npt.NDArray[np.bool_], pred: npt.NDArray[Any]) -> float:
@@ -482,17 +499,19 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
     for c, lesions in enumerate(LESION_COPIES):
         rng = np.random.default_rng([SEED, 2, c])
         hu = hu_c.copy()
-        masks: list[tuple[str, npt.NDArray[np.bool_]]] = []
+        placed: list[tuple[str, npt.NDArray[np.bool_]]] = []
+        masks_c: list[tuple[str, npt.NDArray[np.bool_]]] = []
         for kind, anchor, side, diam in lesions:
             les = insert_lesion(hu, lab_c, sp, rng, kind, anchor=anchor, side=side,
                                 diameter_mm=diam)
             if les is None:
                 notes[f"lesion copy {c + 1}"] = f"no place for {kind} at {anchor}"
                 continue
-            masks.append((kind, from_canonical(lidc, les.mask)))
+            placed.append((kind, from_canonical(lidc, les.mask)))
+            masks_c.append((f"{kind} ({anchor}, {SIDE[side]}, {diam:g} mm)", les.mask))
         vol = lidc.with_array(from_canonical(lidc, hu))
         pred = seg(vol)
-        for kind, m in masks:
+        for kind, m in placed:
             acc = per_kind.setdefault(kind, [0, 0])
             acc[0] += int(np.count_nonzero(pred[m] > 0))
             acc[1] += int(np.count_nonzero(m))
@@ -500,6 +519,19 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
         d = _side_dice(pred, ref)
         rows.append(_row(f"lidc+lesions {c + 1}", f"Dice min(R,L) vs lung+lesion ref ({kinds})",
                          min(d.values()), ">=", 0.97))
+        # each lesion on its own (reported only), and where its missed voxels lie
+        pred_c, _ = to_canonical(lidc, pred > 0)
+        under = []
+        for name, m in masks_c:
+            rows.append(_row(f"lidc+lesions {c + 1}",
+                             f"% {name} in lung ({int(m.sum())} vox)", _pct_inside(m, pred_c)))
+            missed = m & ~pred_c
+            if missed.any():
+                under.append(f"{name}: {100.0 * float(missed.mean() / m.mean()):.0f} % missed, "
+                             f"{missed_without_lung_below(missed, pred_c):.0f} % of those "
+                             "with no lung under them in their column")
+        if under:
+            notes[f"lesion copy {c + 1} misses"] = "; ".join(under)
         _write_overlays(odir, f"lidc-lesions-{c + 1}", vol, pred)
     for kind in ("consolidation", "mass", "cavity", "collapse", "ground_glass"):
         if kind not in per_kind:

@@ -13,6 +13,7 @@ from medseg.train.robustness import (
     crop_volume,
     hemithorax_crop,
     lateral_crop,
+    missed_without_lung_below,
     nodule_mask,
     parse_lidc_xml,
     rows_markdown,
@@ -176,6 +177,22 @@ def test_rows_markdown() -> None:
                         RobustnessRow("b", "n", "x|y", "refused", False)])
     assert md.splitlines()[0] == "| case | measure | value | target | result |"
     assert "| a | m | 0.9877 | >= 0.97 | pass |" in md and "| b | n | x/y | refused | FAIL |" in md
+
+
+def test_missed_without_lung_below_tells_a_lesion_on_the_dome_from_one_at_the_wall() -> None:
+    lung = np.zeros((10, 6, 6), bool)
+    lung[2:9, :, :3] = True                 # a lung block over x < 3 from z = 2 up
+    lung[5:9, :, 3:] = True                 # ... and over x >= 3 from z = 5 up
+    missed = np.zeros_like(lung)
+    missed[3:5, 1:3, 3:5] = True            # under the lung of x >= 3: nothing below it
+    assert missed_without_lung_below(missed, lung) == 100.0
+    missed[:] = False
+    missed[6:8, 1:3, 1:3] = True            # taken out of the lung's middle: lung below
+    lung[missed] = False
+    assert missed_without_lung_below(missed, lung) == 0.0
+    missed[0:2, 0, 0] = True                # 2 more voxels under every lung
+    assert missed_without_lung_below(missed, lung) == 20.0
+    assert np.isnan(missed_without_lung_below(np.zeros_like(lung), lung))
 
 
 @pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])])
