@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import medseg
     from medseg.errors import ConfigError
+    from medseg.inference import DEFAULT_MODEL
     from medseg.inference.device import resolve_device
     from medseg.models import load_model
     from medseg.segment import segment
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         studies.append(("phantom 600x512x512",
                         lambda: make_phantom(7, (600, 512, 512), (0.7, 0.7, 0.5))[0]))
-    model = load_model("lung2d-v2")
+    model = load_model(DEFAULT_MODEL)
     print("| study | device | first (s) | median warm (s) | runs |")
     print("|---|---|---:|---:|---:|")
     agreement = []

@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import medseg
+    from medseg.inference import DEFAULT_MODEL
     from medseg.models import load_model
     from medseg.qc import quality_check
     from medseg.segment import segment
 
     image = medseg.load(args.input)
-    model = load_model("lung2d-v2")
+    model = load_model(DEFAULT_MODEL)
     segment(image, model=model, qc=False)  # warm-up: first-call costs out of the timing
     seg_times, qc_times = [], []
     labels = None
