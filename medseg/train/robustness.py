@@ -527,7 +527,8 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
                              f"% {name} in lung ({int(m.sum())} vox)", _pct_inside(m, pred_c)))
             missed = m & ~pred_c
             if missed.any():
-                under.append(f"{name}: {100.0 * float(missed.mean() / m.mean()):.0f} % missed, "
+                lost = 100.0 * int(np.count_nonzero(missed)) / int(np.count_nonzero(m))
+                under.append(f"{name}: {lost:.0f} % missed, "
                              f"{missed_without_lung_below(missed, pred_c):.0f} % of those "
                              "with no lung under them in their column")
         if under:

@@ -292,6 +292,13 @@ def test_robustness_suite_on_the_shipped_model(shared_data: Path, tmp_path: Path
     for name in ("robustness.json", "robustness.md", "lidc-coronal.png", "lidc-axial.png",
                  "totalseg-reference-coronal.png"):
         assert (tmp_path / "out" / name).is_file()
+    # every inserted lesion has its own row (reported only), and the notes say where the
+    # lost part of each lies
+    own = [r for r in rows if r["case"].startswith("lidc+lesions ")
+           and r["measure"].startswith("% ")]
+    assert len(own) == 11 and all(r["passed"] is None for r in own)
+    assert any(k.endswith("misses") and "no lung under them" in v
+               for k, v in res["notes"].items())
     # bad input is always refused
     assert all(r["passed"] for r in rows if r["case"] == "bad input")
     assert len([r for r in rows if r["case"] == "bad input"]) == 3
