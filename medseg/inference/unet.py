@@ -19,6 +19,7 @@ import numpy.typing as npt
 import torch
 
 from medseg._monai import Invertd, MetaTensor, SliceInferer
+from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
 from medseg.models import LoadedModel
 from medseg.preprocess import (
@@ -114,6 +115,10 @@ def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
                 progress: Callable[[int, int], None] | None = None) -> npt.NDArray[np.uint8]:
     """Raw (not postprocessed) labels (z, y, x) on ``volume``'s grid."""
+    if model.spec.view != "axial":
+        raise ConfigError(f"model {model.spec.name} sees {model.spec.view} slices: medseg "
+                          "segments with axial-view models only (the other views are a "
+                          "training experiment, medseg.train.views)")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     spec = model.spec

@@ -51,6 +51,9 @@ class ModelSpec:
     pixel_spacing_mm: float = 2.0
     #: Side of the square sliding window (pixels at ``pixel_spacing_mm``).
     roi_size: int = 256
+    #: The plane the network sees: ``axial`` (every shipped model) or ``coronal`` (a
+    #: training experiment, :mod:`medseg.train.views`; ``medseg segment`` refuses it).
+    view: str = "axial"
     card: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -69,7 +72,7 @@ class ModelSpec:
             "num_res_units": self.num_res_units, "context_slices": self.context_slices,
             "context_step_mm": self.context_step_mm,
             "pixel_spacing_mm": self.pixel_spacing_mm, "roi_size": self.roi_size,
-        }
+        } | ({} if self.view == "axial" else {"view": self.view})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], card: dict[str, Any] | None = None) -> ModelSpec:
@@ -78,7 +81,7 @@ class ModelSpec:
                    context_slices=int(d["context_slices"]),
                    context_step_mm=float(d.get("context_step_mm", 0.0)),
                    pixel_spacing_mm=float(d["pixel_spacing_mm"]), roi_size=int(d["roi_size"]),
-                   card=card or {})
+                   view=str(d.get("view", "axial")), card=card or {})
 
 
 @dataclass

@@ -61,6 +61,9 @@ class ModelConfig:
     context_step_mm: float = 0.0
     pixel_spacing_mm: float = 2.0
     roi_size: int = 256
+    #: The plane the network is trained on: axial (default) or coronal (an experiment:
+    #: :mod:`medseg.train.views`).
+    view: str = "axial"
 
 
 @dataclass
@@ -126,6 +129,14 @@ class TrainConfig:
         if not 0.0 <= self.training.elastic_probability <= 1.0:
             raise ConfigError("training.elastic_probability must be between 0 and 1, got "
                               f"{self.training.elastic_probability}")
+        from medseg.train.views import VIEWS
+
+        if self.model.view not in VIEWS:
+            raise ConfigError(f"model.view must be one of {', '.join(VIEWS)}, got "
+                              f"{self.model.view!r}")
+        if self.model.view != "axial" and self.training.dome_weight != 1.0:
+            raise ConfigError("training.dome_weight needs model.view: axial (the dome is "
+                              "marked below each axial column's lung floor)")
         if not self.training.dome_mm > 0:
             raise ConfigError(f"training.dome_mm must be above 0, got {self.training.dome_mm}")
         for k in ("lesion_weight", "effusion_weight", "dome_weight"):
@@ -145,7 +156,8 @@ class TrainConfig:
         return ModelSpec(name=self.name, channels=tuple(m.channels), strides=tuple(m.strides),
                          num_res_units=m.num_res_units, context_slices=m.context_slices,
                          context_step_mm=m.context_step_mm,
-                         pixel_spacing_mm=m.pixel_spacing_mm, roi_size=m.roi_size)
+                         pixel_spacing_mm=m.pixel_spacing_mm, roi_size=m.roi_size,
+                         view=m.view)
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:

@@ -79,6 +79,22 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
     return out
 
 
+def predict_sample(net: torch.nn.Module, s: Sample, spec: ModelSpec, divisor: int
+                   ) -> npt.NDArray[np.uint8]:
+    """Argmax labels for a prepared (axial) sample, on its grid, whatever plane the network
+    sees (``spec.view``: a coronal network runs on the turned stack, its labels turned
+    back; :mod:`medseg.train.views`)."""
+    if spec.view == "axial":
+        return predict_prepared(net, s.image, spec.context_slices, divisor,
+                                step=spec.context_step(s.slice_mm))
+    from medseg.train.views import from_coronal, to_coronal
+
+    img = to_coronal(s.image, s.slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
+    pred = predict_prepared(net, img, spec.context_slices, divisor,
+                            step=spec.context_step(spec.pixel_spacing_mm))
+    return from_coronal(pred, s.image.shape[0])
+
+
 def dice_per_lung(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[str, float]:
     """Dice per lung; reference voxels labelled IGNORE (255) are left out."""
     from medseg.evaluate.metrics import dice
@@ -312,8 +328,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
         dices: list[float] = []
         ph_scores = []
         for s in val_samples:
-            pred = predict_prepared(net, s.image, spec.context_slices, divisor,
-                                    step=spec.context_step(s.slice_mm))
+            pred = predict_sample(net, s, spec, divisor)
             dd = dice_per_lung(pred, s.label)
             if s.name.startswith("cip"):
                 row["val_dice_cip_right"] = round(dd["right"], 4)

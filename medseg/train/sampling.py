@@ -59,13 +59,20 @@ class SliceSampler:
 
     def __init__(self, samples: list[Sample], context: int, crop: int, seed: int,
                  spec: ModelSpec | None = None) -> None:
-        self.samples = samples
+        #: The prepared (axial) samples, replaced in place when lesions are drawn again;
+        #: :attr:`samples` is them as the network's view (:mod:`medseg.train.views`) sees
+        #: them, made again by :meth:`refresh` for the samples that changed.
+        self.source = samples
+        self.view = spec.view if spec is not None else "axial"
+        self.pixel_mm = spec.pixel_spacing_mm if spec is not None else 0.0
+        self._views: dict[int, tuple[Sample, Sample]] = {}
+        self.samples = self._in_view()
         self.context = context
         self.steps = [spec.context_step(s.slice_mm) if spec is not None else 1
-                      for s in samples]
+                      for s in self.samples]
         self.crop = crop
         self.rng = np.random.default_rng(seed)
-        w = np.array([s.weight for s in samples], float)
+        w = np.array([s.weight for s in self.samples], float)
         self.p = w / w.sum()
         self.lung_slices: list[npt.NDArray[np.intp]] = []
         #: Per sample, the lowest slice holding lung in each (I, J) column (-1 where none
@@ -87,9 +94,27 @@ class SliceSampler:
         self.elastic_px = 4.0
         self.torch_gen = torch.Generator().manual_seed(seed)
 
+    def _in_view(self) -> list[Sample]:
+        """:attr:`source` in the network's view; a sample already turned is reused, and only
+        the current samples are kept (replaced lesion copies are freed)."""
+        if self.view == "axial":
+            return self.source
+        from medseg.train.views import view_sample
+
+        out, kept = [], {}
+        for s in self.source:
+            hit = self._views.get(id(s))
+            if hit is None or hit[0] is not s:
+                hit = (s, view_sample(s, self.view, self.pixel_mm))
+            kept[id(s)] = hit
+            out.append(hit[1])
+        self._views = kept
+        return out
+
     def refresh(self) -> None:
         """Recompute what is drawn from each sample (after samples were replaced in place:
         same names and weights, new content)."""
+        self.samples = self._in_view()
         self.lung_slices, self.lung_floor, self.plain_floor = [], [], []
         for s in self.samples:
             plain = np.isin(s.label, (1, 2))
