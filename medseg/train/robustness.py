@@ -31,7 +31,7 @@ import json
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,10 @@ from medseg.train.lesions import from_canonical, insert_effusion, insert_lesion,
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
 
-__all__ = ["NoduleRoi", "RobustnessRow", "crop_volume", "hemithorax_crop", "lateral_crop",
-           "missed_without_lung_below", "nodule_mask", "parse_lidc_xml", "rows_markdown",
-           "run_robustness", "slab_crop", "totalseg_reference"]
+__all__ = ["NoduleRoi", "PathologyCopy", "RobustnessRow", "crop_volume", "effusion_copies",
+           "hemithorax_crop", "lateral_crop", "lesion_copies", "missed_without_lung_below",
+           "nodule_mask", "parse_lidc_xml", "rows_markdown", "run_robustness", "slab_crop",
+           "totalseg_reference"]
 
 #: Lesions inserted in each LIDC copy: (kind, anchor, side, diameter mm); fixed.
 LESION_COPIES: tuple[tuple[tuple[str, str, int, float], ...], ...] = (
@@ -444,6 +445,62 @@ def _write_overlays(out_dir: Path | None, name: str, image: CTVolume,
             overlay_montage(image, lab, view=view, n=6))
 
 
+@dataclass
+class PathologyCopy:
+    """One of the suite's copies of a study with pathology inserted."""
+
+    index: int
+    volume: CTVolume
+    #: The lung reference of the copy (the study's, without the fluid of an effusion).
+    reference: npt.NDArray[Any]
+    #: Per inserted lesion or effusion: kind, name, its mask on the study's grid and in
+    #: the canonical frame.
+    inserted: list[tuple[str, str, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]]
+    #: What found no place.
+    skipped: list[str]
+
+
+def lesion_copies(volume: CTVolume, ref: npt.NDArray[Any]) -> Iterator[PathologyCopy]:
+    """The suite's lesion copies of ``volume`` (lung reference ``ref``, unchanged: a lesion
+    is lung): :data:`LESION_COPIES`, seeded, inserted in the canonical frame."""
+    hu_c, sp = to_canonical(volume, volume.array.astype(np.float32))
+    lab_c, _ = to_canonical(volume, ref)
+    for c, lesions in enumerate(LESION_COPIES):
+        rng = np.random.default_rng([SEED, 2, c])
+        hu = hu_c.copy()
+        inserted, skipped = [], []
+        for kind, anchor, side, diam in lesions:
+            les = insert_lesion(hu, lab_c, sp, rng, kind, anchor=anchor, side=side,
+                                diameter_mm=diam)
+            if les is None:
+                skipped.append(f"{kind} at {anchor}")
+                continue
+            inserted.append((kind, f"{kind} ({anchor}, {SIDE[side]}, {diam:g} mm)",
+                             from_canonical(volume, les.mask), les.mask))
+        yield PathologyCopy(c, volume.with_array(from_canonical(volume, hu)), ref, inserted,
+                            skipped)
+
+
+def effusion_copies(volume: CTVolume, ref: npt.NDArray[Any]) -> Iterator[PathologyCopy]:
+    """The suite's effusion copies of ``volume``: :data:`EFFUSION_COPIES`, seeded; each
+    copy's reference has the fluid taken out of the lung."""
+    hu_c, sp = to_canonical(volume, volume.array.astype(np.float32))
+    lab_c, _ = to_canonical(volume, ref)
+    for c, effs in enumerate(EFFUSION_COPIES):
+        rng = np.random.default_rng([SEED, 3, c])
+        hu, lab = hu_c.copy(), lab_c.copy()
+        inserted, skipped = [], []
+        for side, depth in effs:
+            e = insert_effusion(hu, lab, sp, rng, side=side, depth_mm=depth)
+            if e is None:
+                skipped.append(f"effusion {SIDE[side]} {depth:g} mm")
+                continue
+            inserted.append(("effusion", f"{SIDE[side]} {depth:g} mm",
+                             from_canonical(volume, e.mask), e.mask))
+        yield PathologyCopy(c, volume.with_array(from_canonical(volume, hu)),
+                            from_canonical(volume, lab), inserted, skipped)
+
+
 def run_robustness(shared_data: str | Path, *, model: Any = None,
                    cache_dir: str | Path | None = None, out_dir: str | Path | None = None,
                    log: Callable[[str], None] | None = None, device: str = "cpu"
@@ -493,25 +550,13 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
 
     # 2. lesions ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    hu_c, sp = to_canonical(lidc, lidc.array.astype(np.float32))
-    lab_c, _ = to_canonical(lidc, ref)
     per_kind: dict[str, list[int]] = {}
-    for c, lesions in enumerate(LESION_COPIES):
-        rng = np.random.default_rng([SEED, 2, c])
-        hu = hu_c.copy()
-        placed: list[tuple[str, npt.NDArray[np.bool_]]] = []
-        masks_c: list[tuple[str, npt.NDArray[np.bool_]]] = []
-        for kind, anchor, side, diam in lesions:
-            les = insert_lesion(hu, lab_c, sp, rng, kind, anchor=anchor, side=side,
-                                diameter_mm=diam)
-            if les is None:
-                notes[f"lesion copy {c + 1}"] = f"no place for {kind} at {anchor}"
-                continue
-            placed.append((kind, from_canonical(lidc, les.mask)))
-            masks_c.append((f"{kind} ({anchor}, {SIDE[side]}, {diam:g} mm)", les.mask))
-        vol = lidc.with_array(from_canonical(lidc, hu))
+    for cp in lesion_copies(lidc, ref):
+        c, vol, lesions = cp.index, cp.volume, LESION_COPIES[cp.index]
+        for what in cp.skipped:
+            notes[f"lesion copy {c + 1}"] = f"no place for {what}"
         pred = seg(vol)
-        for kind, m in placed:
+        for kind, _name, m, _m_c in cp.inserted:
             acc = per_kind.setdefault(kind, [0, 0])
             acc[0] += int(np.count_nonzero(pred[m] > 0))
             acc[1] += int(np.count_nonzero(m))
@@ -522,7 +567,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
         # each lesion on its own (reported only), and where its missed voxels lie
         pred_c, _ = to_canonical(lidc, pred > 0)
         under = []
-        for name, m in masks_c:
+        for _kind, name, _m, m in cp.inserted:
             rows.append(_row(f"lidc+lesions {c + 1}",
                              f"% {name} in lung ({int(m.sum())} vox)", _pct_inside(m, pred_c)))
             missed = m & ~pred_c
@@ -547,17 +592,9 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
 
     # 3. effusion --------------------------------------------------------------------------
     t0 = time.perf_counter()
-    for c, effs in enumerate(EFFUSION_COPIES):
-        rng = np.random.default_rng([SEED, 3, c])
-        hu = hu_c.copy()
-        lab = lab_c.copy()
-        masks = []
-        for side, depth in effs:
-            e = insert_effusion(hu, lab, sp, rng, side=side, depth_mm=depth)
-            if e is not None:
-                masks.append((f"{SIDE[side]} {depth:g} mm", from_canonical(lidc, e.mask)))
-        vol = lidc.with_array(from_canonical(lidc, hu))
-        ref_e = from_canonical(lidc, lab)
+    for cp in effusion_copies(lidc, ref):
+        c, vol, ref_e = cp.index, cp.volume, cp.reference
+        masks = [(name, m) for _kind, name, m, _m_c in cp.inserted]
         pred = seg(vol)
         for name, m in masks:
             rows.append(_row(f"lidc+effusion {c + 1}", f"% effusion {name} labelled lung",
