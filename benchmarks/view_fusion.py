@@ -1,5 +1,5 @@
-"""An axial and a coronal lung network, alone and fused, on the robustness suite's LIDC
-copies (an experiment: ``medseg segment`` runs axial models only).
+"""An axial and a coronal (or sagittal) lung network, alone and fused, on the robustness
+suite's LIDC copies (an experiment: ``medseg segment`` runs axial models only).
 
     python benchmarks/view_fusion.py --other out/train_lung2d_c1/lung2d-c1.json
                                      [--axial lung2d-v8] [--shared ../shared/data]
@@ -39,11 +39,11 @@ def probabilities(model: Any, image: npt.NDArray[np.float32], slice_mm: float
                   ) -> npt.NDArray[np.float32]:
     """Softmax (3, K, I, J) of ``model`` on a prepared axial stack, in its own view."""
     from medseg.train.sampling import _context
-    from medseg.train.views import from_coronal, to_coronal
+    from medseg.train.views import from_view, to_view
 
     spec = model.spec
     x = image if spec.view == "axial" else \
-        to_coronal(image, slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
+        to_view(image, spec.view, slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
     k, h, w = x.shape
     div = 2 ** len(spec.strides)
     padded = np.pad(x, ((0, 0), (0, (-h) % div), (0, (-w) % div)))
@@ -57,7 +57,7 @@ def probabilities(model: Any, image: npt.NDArray[np.float32], slice_mm: float
             out[:, k0:k0 + len(ks)] = p.permute(1, 0, 2, 3).numpy()
     if spec.view == "axial":
         return out
-    return np.stack([from_coronal(out[c], image.shape[0]) for c in range(3)])
+    return np.stack([from_view(out[c], spec.view, image.shape[0]) for c in range(3)])
 
 
 def fusions(pa: npt.NDArray[np.float32], pb: npt.NDArray[np.float32]

@@ -82,17 +82,17 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
 def predict_sample(net: torch.nn.Module, s: Sample, spec: ModelSpec, divisor: int
                    ) -> npt.NDArray[np.uint8]:
     """Argmax labels for a prepared (axial) sample, on its grid, whatever plane the network
-    sees (``spec.view``: a coronal network runs on the turned stack, its labels turned
-    back; :mod:`medseg.train.views`)."""
+    sees (``spec.view``: a coronal or sagittal network runs on the turned stack, its labels
+    turned back; :mod:`medseg.train.views`)."""
     if spec.view == "axial":
         return predict_prepared(net, s.image, spec.context_slices, divisor,
                                 step=spec.context_step(s.slice_mm))
-    from medseg.train.views import from_coronal, to_coronal
+    from medseg.train.views import from_view, to_view
 
-    img = to_coronal(s.image, s.slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
+    img = to_view(s.image, spec.view, s.slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
     pred = predict_prepared(net, img, spec.context_slices, divisor,
                             step=spec.context_step(spec.pixel_spacing_mm))
-    return from_coronal(pred, s.image.shape[0])
+    return from_view(pred, spec.view, s.image.shape[0])
 
 
 def dice_per_lung(pred: npt.NDArray[Any], ref: npt.NDArray[Any]) -> dict[str, float]:

@@ -18,22 +18,27 @@ from medseg.synth import make_phantom
 from medseg.train import load_train_config, train
 from medseg.train.data import Sample
 from medseg.train.sampling import SliceSampler
-from medseg.train.views import from_coronal, to_coronal, view_sample
+from medseg.train.views import from_view, to_view, view_sample
 from tests.train.test_train import TINY
 
 
-def test_a_voxel_lands_where_the_coronal_view_puts_it_and_comes_back() -> None:
+def test_a_voxel_lands_where_the_view_puts_it_and_comes_back() -> None:
     stack = np.zeros((5, 7, 9), np.uint8)        # (K, I, J): 5 slices 4 mm apart
     stack[3, 2, 6] = 1
-    cor = to_coronal(stack, slice_mm=4.0, pixel_mm=2.0, order=0)
+    cor = to_view(stack, "coronal", slice_mm=4.0, pixel_mm=2.0, order=0)
     assert cor.shape == (9, 7, 10)               # (J, I, K'): K resampled to 2 mm
     j, i, k = np.argwhere(cor == 1)[0]
     assert (j, i) == (6, 2) and k in (6, 7)      # 3 * 4 mm = 12 mm ~ pixel 6-7 of 2 mm
+    sag = to_view(stack, "sagittal", slice_mm=4.0, pixel_mm=2.0, order=0)
+    assert sag.shape == (7, 9, 10)               # (I, J, K')
+    i, j, k = np.argwhere(sag == 1)[0]
+    assert (i, j) == (2, 6) and k in (6, 7)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (5, 7, 9)).astype(np.uint8)
-    back = from_coronal(to_coronal(labels, 4.0, 2.0, 0), 5)
-    assert np.array_equal(back, labels)          # nearest both ways: exactly the labels
-    same = to_coronal(labels, 2.0, 2.0, 0)       # already at the pixel spacing: turned only
+    for view in ("coronal", "sagittal"):         # nearest both ways: exactly the labels
+        back = from_view(to_view(labels, view, 4.0, 2.0, 0), view, 5)
+        assert np.array_equal(back, labels), view
+    same = to_view(labels, "coronal", 2.0, 2.0, 0)   # at the pixel spacing: turned only
     assert np.array_equal(same, labels.transpose(2, 1, 0))
 
 
@@ -85,7 +90,7 @@ def test_view_config_is_checked(tmp_path: Path) -> None:
                                      "training": {**TINY["training"], **training}}))
         return p
 
-    with pytest.raises(ConfigError, match=r"model\.view must be one of axial, coronal"):
+    with pytest.raises(ConfigError, match=r"model\.view must be one of axial, coronal, sag"):
         load_train_config(write({"view": "oblique"}, {}))
     with pytest.raises(ConfigError, match=r"dome_weight needs model\.view: axial"):
         load_train_config(write({"view": "coronal"}, {"dome_weight": 4.0}))
