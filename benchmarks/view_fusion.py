@@ -9,7 +9,9 @@ Both networks run on the model's prepared grid (:func:`medseg.train.data.prepare
 :mod:`medseg.train.views` and its probabilities turned back), *raw*: no postprocessing, no
 inversion to the study's grid, so the numbers compare the views with each other, not with
 the suite's table. Fusions: ``mean`` of the two softmax outputs; ``union``: a voxel is lung
-when either network says so (the larger lung probability, the smaller background one).
+when either network says so (the larger lung probability, the smaller background one);
+``mean lung, axial sides``: the mean lung probability, right and left as the axial one has
+them.
 Prints LIDC-IDRI-0001's Dice per lung against the suite's reference, then per inserted
 lesion and effusion (``lesion_copies`` / ``effusion_copies``, the suite's own) the % of its
 voxels labelled lung.
@@ -64,7 +66,13 @@ def fusions(pa: npt.NDArray[np.float32], pb: npt.NDArray[np.float32]
             ) -> dict[str, npt.NDArray[np.float32]]:
     union = np.maximum(pa, pb)
     union[0] = np.minimum(pa[0], pb[0])
-    return {"axial": pa, "other": pb, "mean": (pa + pb) / 2, "union": union}
+    # the mean lung probability, split into right and left as the axial network splits it
+    # (a sagittal slice shows one lung: which one is the axial view's call)
+    lung = (pa[1] + pa[2] + pb[1] + pb[2]) / 2
+    right = pa[1] / np.maximum(pa[1] + pa[2], 1e-6)
+    sides = np.stack([1 - lung, lung * right, lung * (1 - right)])
+    return {"axial": pa, "other": pb, "mean": (pa + pb) / 2, "union": union,
+            "mean lung, axial sides": sides}
 
 
 def main(argv: list[str] | None = None) -> int:
