@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,26 +39,12 @@ from benchmarks.segment_before_after import cpu_name  # noqa: E402
 def probabilities(model: Any, image: npt.NDArray[np.float32], slice_mm: float
                   ) -> npt.NDArray[np.float32]:
     """Softmax (3, K, I, J) of ``model`` on a prepared axial stack, in its own view."""
-    from medseg.train.sampling import _context
-    from medseg.train.views import from_view, to_view
+    from medseg.train.data import Sample
+    from medseg.train.loop import predict_sample
 
     spec = model.spec
-    x = image if spec.view == "axial" else \
-        to_view(image, spec.view, slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
-    k, h, w = x.shape
-    div = 2 ** len(spec.strides)
-    padded = np.pad(x, ((0, 0), (0, (-h) % div), (0, (-w) % div)))
-    out = np.zeros((3, k, h, w), np.float32)
-    net = model.network.eval()
-    with torch.inference_mode():
-        for k0 in range(0, k, 16):
-            ks = range(k0, min(k, k0 + 16))
-            batch = np.stack([_context(padded, kk, spec.context_slices) for kk in ks])
-            p = torch.softmax(net(torch.from_numpy(batch)), 1)[:, :, :h, :w]
-            out[:, k0:k0 + len(ks)] = p.permute(1, 0, 2, 3).numpy()
-    if spec.view == "axial":
-        return out
-    return np.stack([from_view(out[c], spec.view, image.shape[0]) for c in range(3)])
+    stack = Sample("stack", image, np.zeros(image.shape, np.uint8), slice_mm=slice_mm)
+    return predict_sample(model.network, stack, spec, 2 ** len(spec.strides), softmax=True)
 
 
 def fusions(pa: npt.NDArray[np.float32], pb: npt.NDArray[np.float32]

@@ -51,8 +51,9 @@ class ModelSpec:
     pixel_spacing_mm: float = 2.0
     #: Side of the square sliding window (pixels at ``pixel_spacing_mm``).
     roi_size: int = 256
-    #: The plane the network sees: ``axial`` (every shipped model) or ``coronal`` (a
-    #: training experiment, :mod:`medseg.train.views`; ``medseg segment`` refuses it).
+    #: The plane the network sees: ``axial`` (every shipped model), ``coronal`` or
+    #: ``sagittal`` (training experiments, :mod:`medseg.train.views`; ``medseg segment``
+    #: refuses them).
     view: str = "axial"
     card: dict[str, Any] = field(default_factory=dict, compare=False)
 

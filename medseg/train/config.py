@@ -61,8 +61,8 @@ class ModelConfig:
     context_step_mm: float = 0.0
     pixel_spacing_mm: float = 2.0
     roi_size: int = 256
-    #: The plane the network is trained on: axial (default) or coronal (an experiment:
-    #: :mod:`medseg.train.views`).
+    #: The plane the network is trained on: axial (default), coronal or sagittal (an
+    #: experiment: :mod:`medseg.train.views`).
     view: str = "axial"
 
 

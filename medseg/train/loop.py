@@ -61,12 +61,15 @@ def _widened(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
 
 # -- evaluation on prepared volumes -----------------------------------------------------------
 def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], context: int,
-                     divisor: int, batch: int = 16, step: int = 1) -> npt.NDArray[np.uint8]:
-    """Argmax labels for a prepared (K, I, J) stack (whole slices, padded to ``divisor``)."""
+                     divisor: int, batch: int = 16, step: int = 1, softmax: bool = False
+                     ) -> npt.NDArray[Any]:
+    """Argmax labels (K, I, J) uint8 for a prepared (K, I, J) stack (whole slices, padded to
+    ``divisor``); with ``softmax`` the network's probabilities instead, (C, K, I, J)
+    float32."""
     k, h, w = image.shape
     ph, pw = (-h) % divisor, (-w) % divisor
     padded = np.pad(image, ((0, 0), (0, ph), (0, pw)))
-    out = np.zeros((k, h, w), np.uint8)
+    out: npt.NDArray[Any] | None = None if softmax else np.zeros((k, h, w), np.uint8)
     first = next(net.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     net.eval()
@@ -75,23 +78,35 @@ def predict_prepared(net: torch.nn.Module, image: npt.NDArray[np.float32], conte
             ks = range(k0, min(k, k0 + batch))
             x = torch.from_numpy(np.stack([_context(padded, kk, context, step)
                                            for kk in ks])).to(device)
-            out[k0:k0 + len(ks)] = net(x).argmax(1)[:, :h, :w].cpu().numpy().astype(np.uint8)
+            y = net(x)
+            if not softmax:
+                assert out is not None
+                out[k0:k0 + len(ks)] = y.argmax(1)[:, :h, :w].cpu().numpy().astype(np.uint8)
+                continue
+            p = torch.softmax(y, 1)[:, :, :h, :w].permute(1, 0, 2, 3).cpu().numpy()
+            if out is None:
+                out = np.zeros((p.shape[0], k, h, w), np.float32)
+            out[:, k0:k0 + len(ks)] = p
+    assert out is not None
     return out
 
 
-def predict_sample(net: torch.nn.Module, s: Sample, spec: ModelSpec, divisor: int
-                   ) -> npt.NDArray[np.uint8]:
+def predict_sample(net: torch.nn.Module, s: Sample, spec: ModelSpec, divisor: int,
+                   softmax: bool = False) -> npt.NDArray[Any]:
     """Argmax labels for a prepared (axial) sample, on its grid, whatever plane the network
     sees (``spec.view``: a coronal or sagittal network runs on the turned stack, its labels
-    turned back; :mod:`medseg.train.views`)."""
+    turned back; :mod:`medseg.train.views`); with ``softmax`` the probabilities
+    (:func:`predict_prepared`)."""
     if spec.view == "axial":
         return predict_prepared(net, s.image, spec.context_slices, divisor,
-                                step=spec.context_step(s.slice_mm))
+                                step=spec.context_step(s.slice_mm), softmax=softmax)
     from medseg.train.views import from_view, to_view
 
     img = to_view(s.image, spec.view, s.slice_mm, spec.pixel_spacing_mm, 1).astype(np.float32)
     pred = predict_prepared(net, img, spec.context_slices, divisor,
-                            step=spec.context_step(spec.pixel_spacing_mm))
+                            step=spec.context_step(spec.pixel_spacing_mm), softmax=softmax)
+    if softmax:
+        return np.stack([from_view(c, spec.view, s.image.shape[0]) for c in pred])
     return from_view(pred, spec.view, s.image.shape[0])
 
 

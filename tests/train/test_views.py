@@ -17,6 +17,7 @@ from medseg.models import ModelSpec, load_model
 from medseg.synth import make_phantom
 from medseg.train import load_train_config, train
 from medseg.train.data import Sample
+from medseg.train.loop import predict_prepared, predict_sample
 from medseg.train.sampling import SliceSampler
 from medseg.train.views import from_view, to_view, view_sample
 from tests.train.test_train import TINY
@@ -121,3 +122,19 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
+
+
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_predicted_probabilities_agree_with_the_labels_in_every_view(view: str) -> None:
+    spec = ModelSpec(name="r", channels=(4, 8), strides=(2,), num_res_units=0, view=view,
+                     pixel_spacing_mm=2.0)
+    net = random_model(spec).network
+    s = _sample("a", 4)
+    labels = predict_sample(net, s, spec, 2)
+    probs = predict_sample(net, s, spec, 2, softmax=True)
+    assert labels.shape == s.image.shape and labels.dtype == np.uint8
+    assert probs.shape == (3, *s.image.shape) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(0), 1.0, atol=1e-5)
+    # on a stack that needs no turning the argmax of the probabilities is the labels
+    flat = predict_prepared(net, s.image, 1, 2, softmax=True)
+    assert np.array_equal(flat.argmax(0), predict_prepared(net, s.image, 1, 2))
