@@ -62,6 +62,9 @@ class InferenceSettings:
     #: anti-aliasing sigma (pixels) it chose (:func:`medseg.preprocess.antialias_sigma`).
     input_noise_hu: float | None = None
     antialias_sigma_px: tuple[float, float] = (0.0, 0.0)
+    #: Filled by :func:`unet_labels` for a two-view model: the coronal slices its second
+    #: network ran on (:func:`medseg.inference.unet._second_view`).
+    second_view_slices: int | None = None
 
 
 def _argmax3(p_right: torch.Tensor, p_left: torch.Tensor) -> torch.Tensor:
@@ -112,13 +115,73 @@ def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
     return model.bf16_networks[device]
 
 
+def _grid_of(img: MetaTensor) -> MetaTensor:
+    """What :data:`Invertd` needs of a preprocessed slab (its meta data and the transforms
+    applied to it), without its voxels."""
+    grid = MetaTensor(torch.zeros(1), applied_operations=img.applied_operations)
+    grid.meta = img.meta
+    return grid
+
+
+def _invert_argmax(invert: Invertd, probs: torch.Tensor, img: MetaTensor) -> torch.Tensor:
+    """Labels (I, J, n) on the oriented study's grid from lung probabilities
+    (2, n, I', J') on the model's grid of the slab ``img`` was preprocessed into."""
+    n = int(probs.shape[1])
+    pred = MetaTensor(probs.reshape(2 * n, *probs.shape[2:]),
+                      applied_operations=img.applied_operations)
+    pred.meta = img.meta
+    inv = cast(MetaTensor, invert({"pred": pred, "image": img})["pred"]).as_tensor()
+    inv = inv.reshape(2, n, *inv.shape[1:])  # (2, n, I, J)
+    return _argmax3(inv[0], inv[1]).permute(1, 2, 0)
+
+
+def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
+                 stack: torch.Tensor, slice_mm: float, settings: InferenceSettings,
+                 progress: Callable[[float], None] | None) -> tuple[torch.Tensor, int]:
+    """The axial lung probabilities (2, K, I', J') fused with the coronal network's on the
+    prepared ``stack`` (:mod:`medseg.inference.views`), and how many coronal slices ran.
+    Coronal slices run over the axial lung's anterior-posterior extent plus
+    :data:`~medseg.inference.views.CORONAL_MARGIN_MM`; elsewhere the axial view stands."""
+    from medseg.inference.views import (
+        CORONAL_MARGIN_MM,
+        fuse,
+        lung_extent,
+        view_probabilities,
+    )
+
+    spec = second.spec
+    assert settings.precision is not None
+    net = _with_precision(second, _on_device(second, settings.device), settings.device,
+                          settings.precision)
+    margin = round(CORONAL_MARGIN_MM / spec.pixel_spacing_mm)
+    a, b = lung_extent(p_axial.sum(0), axis=2, margin=margin)
+    n_j = int(stack.shape[2])
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0] * stack.shape[0] / max(1, b - a))
+
+    other = view_probabilities(net, stack, slice_mm, spec.pixel_spacing_mm,
+                               spec.context_slices, 2 ** len(spec.strides), (a, b),
+                               batch=settings.batch_size, device=settings.device,
+                               progress=tick)
+    fused = fuse(p_axial, other, model.fusion)
+    if a > 0 or b < n_j:  # the axial view alone outside the coronal slices run
+        keep = torch.ones(n_j, dtype=torch.bool)
+        keep[a:b] = False
+        fused[..., keep] = p_axial[..., keep]
+    return fused, b - a
+
+
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
                 progress: Callable[[int, int], None] | None = None) -> npt.NDArray[np.uint8]:
     """Raw (not postprocessed) labels (z, y, x) on ``volume``'s grid."""
     if model.spec.view != "axial":
         raise ConfigError(f"model {model.spec.name} sees {model.spec.view} slices: medseg "
-                          "segments with axial-view models only (the other views are a "
-                          "training experiment, medseg.train.views)")
+                          "segments with an axial-view model, alone or with a coronal one "
+                          "(a two-view model card, medseg.inference.views)")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     spec = model.spec
@@ -155,6 +218,13 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
                            overlap=settings.overlap, mode=settings.blend_mode,
                            padding_mode="constant", cval=0.0, progress=False, **on_gpu)
     settings.timings["orient_s"] = time.perf_counter() - t0
+    second = model.second
+    # a two-view model keeps the axial probabilities and the prepared stack on the model's
+    # grid (2 mm in plane: 2 x 600 x 256 x 256 float32 = 0.3 GB at most) until the coronal
+    # network has run; a one-view model turns each slab into labels at once
+    held: list[tuple[int, int, MetaTensor]] = []
+    p_axial = stack = None
+    total = n_slices if second is None else 3 * n_slices
     t_pre = t_net = t_inv = 0.0
     done = 0
     for k0 in range(0, n_slices, settings.slab_slices):
@@ -164,6 +234,11 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         slab = smooth_in_plane(slab_as_2d(oriented, lo, hi), sigma)
         img = cast(MetaTensor, pre({"image": slab})["image"])
         x = img.as_tensor()  # (hi - lo, I', J')
+        if second is not None:
+            if stack is None:
+                stack = torch.zeros((n_slices, *x.shape[1:]), dtype=torch.float32)
+                p_axial = torch.zeros((2, *stack.shape), dtype=torch.float32)
+            stack[k0:k1] = x[k0 - lo:k1 - lo]
         # replicate edge slices so every core slice has its neighbours
         pad_lo, pad_hi = reach - (k0 - lo), reach - (hi - k1)
         if pad_lo or pad_hi:
@@ -179,19 +254,36 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
         probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)
         tc = time.perf_counter()
-        pred = MetaTensor(probs.permute(0, 3, 1, 2).reshape(2 * n_core, *probs.shape[1:3]),
-                          applied_operations=img.applied_operations)
-        pred.meta = img.meta
-        inv = cast(MetaTensor, invert({"pred": pred, "image": img})["pred"]).as_tensor()
-        inv = inv.reshape(2, n_core, *inv.shape[1:])  # (2, n_core, I, J)
-        labels_oriented[..., k0:k1] = _argmax3(inv[0], inv[1]).permute(1, 2, 0)
+        if second is None:
+            labels_oriented[..., k0:k1] = _invert_argmax(invert, probs.permute(0, 3, 1, 2),
+                                                         img)
+        else:
+            assert p_axial is not None
+            p_axial[:, k0:k1] = probs.permute(0, 3, 1, 2)
+            held.append((k0, k1, _grid_of(img)))
         td = time.perf_counter()
         t_pre += tb - ta
         t_net += tc - tb
         t_inv += td - tc
         done += n_core
         if progress is not None:
-            progress(done, n_slices)
+            progress(done, total)
+    if second is not None:
+        assert p_axial is not None and stack is not None
+        tv = time.perf_counter()
+        slice_mm = float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2]))
+        fused, n_run = _second_view(model, second, p_axial, stack, slice_mm, settings,
+                                    None if progress is None else
+                                    lambda n: progress(n_slices + round(n), total))
+        settings.timings["second_view_s"] = time.perf_counter() - tv
+        settings.second_view_slices = n_run
+        del p_axial, stack
+        td = time.perf_counter()
+        for k0, k1, grid in held:
+            labels_oriented[..., k0:k1] = _invert_argmax(invert, fused[:, k0:k1], grid)
+            if progress is not None:
+                progress(2 * n_slices + k1, total)
+        t_inv += time.perf_counter() - td
     t1 = time.perf_counter()
     lab = MetaTensor(labels_oriented[None], applied_operations=oriented.applied_operations)
     lab.meta = oriented.meta

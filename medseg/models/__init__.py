@@ -95,6 +95,10 @@ class LoadedModel:
     #: (:func:`medseg.inference.unet.unet_labels` with precision bf16).
     bf16_networks: dict[str, torch.nn.Module] = field(default_factory=dict, init=False,
                                                       repr=False, compare=False)
+    #: A two-view model's coronal network (:mod:`medseg.inference.views`), fused with this
+    #: axial one by ``fusion``; None for a one-view model.
+    second: LoadedModel | None = None
+    fusion: str = "mean"
 
 
 def build_network(spec: ModelSpec) -> UNet:
@@ -113,24 +117,35 @@ def available_models() -> list[str]:
     return sorted(p.stem for p in _weights_dir().glob("*.json"))
 
 
+def _card_path(name_or_path: str | Path, beside: Path | None = None) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".json", ".pt"):
+        if beside is not None and not p.is_absolute() and (beside / p).exists():
+            p = beside / p
+        return p.with_suffix(".json")
+    card_path = _weights_dir() / f"{name_or_path}.json"
+    if not card_path.exists():
+        raise ConfigError(f"unknown model {name_or_path!r}; shipped: "
+                          f"{', '.join(available_models()) or 'none'}")
+    return card_path
+
+
 def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
     """Load shipped weights by name (e.g. ``lung2d-v2``) or a ``.json`` card / ``.pt`` file path.
 
     The card (JSON beside the weights) holds the architecture and the weights' SHA-256;
-    a mismatch is an error, not a warning.
+    a mismatch is an error, not a warning. A two-view card names its two models instead
+    (``"views": {"axial": A, "coronal": C}``, each a shipped name or a card path relative
+    to it) and how they are fused (``"fusion"``, :data:`medseg.inference.views.FUSIONS`);
+    its SHA-256 is that of the two weights' digests.
     """
-    p = Path(name_or_path)
-    if p.suffix in (".json", ".pt"):
-        card_path = p.with_suffix(".json")
-    else:
-        card_path = _weights_dir() / f"{name_or_path}.json"
-        if not card_path.exists():
-            raise ConfigError(f"unknown model {name_or_path!r}; shipped: "
-                              f"{', '.join(available_models()) or 'none'}")
+    card_path = _card_path(name_or_path)
     try:
         card = json.loads(card_path.read_text())
     except (OSError, ValueError) as exc:
         raise UnreadableFileError(f"cannot read model card: {exc}", path=card_path) from exc
+    if "views" in card:
+        return _load_two_views(card, card_path)
     weights = card_path.with_name(card["weights_file"])
     if not weights.exists():
         raise UnreadableFileError("model weights file is missing", path=weights)
@@ -144,3 +159,29 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
     net.load_state_dict(state)
     net.eval()
     return LoadedModel(spec=spec, network=net, sha256=digest, path=str(weights))
+
+
+def _load_two_views(card: dict[str, Any], card_path: Path) -> LoadedModel:
+    import hashlib
+    from dataclasses import replace
+
+    from medseg.inference.views import FUSIONS
+
+    views = card["views"]
+    fusion = str(card.get("fusion", "mean"))
+    if set(views) != {"axial", "coronal"} or fusion not in FUSIONS:
+        raise ConfigError(f"model card {card_path}: a two-view model has views axial and "
+                          f"coronal (has {', '.join(views)}) and a fusion among "
+                          f"{', '.join(FUSIONS)} (has {fusion!r})")
+    axial = load_model(_card_path(views["axial"], card_path.parent))
+    coronal = load_model(_card_path(views["coronal"], card_path.parent))
+    for m, view in ((axial, "axial"), (coronal, "coronal")):
+        if m.spec.view != view or m.second is not None:
+            raise ConfigError(f"model card {card_path}: {views[view]} is not a one-view "
+                              f"{view} model")
+    if coronal.spec.pixel_spacing_mm != axial.spec.pixel_spacing_mm:
+        raise ConfigError(f"model card {card_path}: the two views' pixel spacings differ")
+    digest = hashlib.sha256(f"{axial.sha256}+{coronal.sha256}".encode()).hexdigest()
+    spec = replace(axial.spec, name=str(card["name"]), card=card)
+    return LoadedModel(spec=spec, network=axial.network, sha256=digest, path=str(card_path),
+                       second=coronal, fusion=fusion)
