@@ -139,7 +139,8 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
                  stack: torch.Tensor, slice_mm: float, settings: InferenceSettings,
                  progress: Callable[[float], None] | None) -> tuple[torch.Tensor, int]:
     """The axial lung probabilities (2, K, I', J') fused with the coronal network's on the
-    prepared ``stack`` (:mod:`medseg.inference.views`), and how many coronal slices ran.
+    prepared ``stack`` (:mod:`medseg.inference.views`), and how many coronal slices ran;
+    ``progress`` gets the fraction of them done.
     Coronal slices run over the axial lung's anterior-posterior extent plus
     :data:`~medseg.inference.views.CORONAL_MARGIN_MM`; elsewhere the axial view stands."""
     from medseg.inference.views import (
@@ -161,7 +162,7 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
     def tick(n: int) -> None:
         done[0] += n
         if progress is not None:
-            progress(done[0] * stack.shape[0] / max(1, b - a))
+            progress(done[0] / max(1, b - a))
 
     other = view_probabilities(net, stack, slice_mm, spec.pixel_spacing_mm,
                                spec.context_slices, 2 ** len(spec.strides), (a, b),
@@ -224,7 +225,14 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     # network has run; a one-view model turns each slab into labels at once
     held: list[tuple[int, int, MetaTensor]] = []
     p_axial = stack = None
-    total = n_slices if second is None else 3 * n_slices
+    # progress in slices' worth of the work: a two-view model's axial pass is about 45 %
+    # of it, the coronal one as much, the inversion the rest
+    share = 1.0 if second is None else 0.45
+
+    def report(frac: float) -> None:
+        if progress is not None:
+            progress(min(n_slices, round(frac * n_slices)), n_slices)
+
     t_pre = t_net = t_inv = 0.0
     done = 0
     for k0 in range(0, n_slices, settings.slab_slices):
@@ -266,23 +274,20 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         t_net += tc - tb
         t_inv += td - tc
         done += n_core
-        if progress is not None:
-            progress(done, total)
+        report(share * done / n_slices)
     if second is not None:
         assert p_axial is not None and stack is not None
         tv = time.perf_counter()
         slice_mm = float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2]))
         fused, n_run = _second_view(model, second, p_axial, stack, slice_mm, settings,
-                                    None if progress is None else
-                                    lambda n: progress(n_slices + round(n), total))
+                                    lambda f: report(0.45 + 0.45 * f))
         settings.timings["second_view_s"] = time.perf_counter() - tv
         settings.second_view_slices = n_run
         del p_axial, stack
         td = time.perf_counter()
         for k0, k1, grid in held:
             labels_oriented[..., k0:k1] = _invert_argmax(invert, fused[:, k0:k1], grid)
-            if progress is not None:
-                progress(2 * n_slices + k1, total)
+            report(0.9 + 0.1 * k1 / n_slices)
         t_inv += time.perf_counter() - td
     t1 = time.perf_counter()
     lab = MetaTensor(labels_oriented[None], applied_operations=oriented.applied_operations)

@@ -110,7 +110,11 @@ def test_two_view_labels_keep_the_grid_for_any_axis_order(two_view: Path, case: 
     model = load_model(two_view)
     base = _body(spacing=(0.7, 0.7, 2.5))
     settings = InferenceSettings()
-    ref = unet_labels(base, model, settings)
+    seen: list[tuple[int, int]] = []
+    ref = unet_labels(base, model, settings, progress=lambda d, t: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1] == (base.shape[0],) * 2
+    assert {t for _, t in seen} == {base.shape[0]}
     assert ref.shape == base.shape and settings.second_view_slices
     assert "second_view_s" in settings.timings
     axial_only = unet_labels(base, load_model(two_view.parent / "ax.json"),
