@@ -43,7 +43,7 @@ def make_synthetic(path: Path, n_slices: int) -> Path:
     return path
 
 
-def run_medseg(src: Path, out: Path, threads: int | None) -> float:
+def run_medseg(src: Path, out: Path, threads: int | None, model_name: str) -> float:
     """Warm, like lungmask below: libraries imported and the model loaded before the clock
     starts (lungmask's ``LMInferer`` is built before its clock too). Everything else that
     ``medseg segment`` does is timed: read, segment, write the mask, the report files
@@ -57,15 +57,16 @@ def run_medseg(src: Path, out: Path, threads: int | None) -> float:
     from medseg.segment import segment_study
 
     _alloc.tune()  # as the medseg command does (lungmask, run later in this process, gains too)
-    model = load_model()
+    model = load_model(model_name)
     t0 = time.perf_counter()
     segment_study(src, out, threads=threads, model=model)
     return time.perf_counter() - t0
 
 
-def run_medseg_cli(src: Path, out: Path, threads: int | None) -> float:
+def run_medseg_cli(src: Path, out: Path, threads: int | None, model_name: str) -> float:
     """Cold: the wall time of the command a user types, Python start-up and imports included."""
-    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q",
+           "--model", model_name]
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
@@ -103,10 +104,11 @@ def run_lungmask(src: Path, out: Path, threads: int | None) -> float:
         return time.perf_counter() - t0
 
 
-def peak_memory(src: Path, out: Path) -> float:
+def peak_memory(src: Path, out: Path, model_name: str) -> float:
     """Maximum RSS (GiB) of a child process running ``medseg segment``, from that child's
     own resource usage (``os.wait4``), not the maximum over every child of this process."""
-    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q",
+           "--model", model_name]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -121,7 +123,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory", action="store_true",
                     help="only measure medseg's peak memory on a 600-slice 512x512 volume")
+    ap.add_argument("--model", default=None,
+                    help="medseg's model: a shipped name or a card (default: the default "
+                         "model, lung2d-v8; lung2d-v19 for the two-view model)")
     args = ap.parse_args()
+    from medseg.inference import DEFAULT_MODEL
+
+    model_name = args.model or DEFAULT_MODEL
     if not args.memory:
         try:
             import lungmask  # noqa: F401
@@ -137,8 +145,8 @@ def main() -> None:
                             "from segment_vs_lungmask import make_synthetic; "
                             "from pathlib import Path; make_synthetic(Path(sys.argv[2]), 600)",
                             str(Path(__file__).parent), str(src)], check=True)
-            gib = peak_memory(src, tmpd / "out_mem")
-            print(f"medseg segment, 512x512x600: peak RSS {gib:.2f} GiB")
+            gib = peak_memory(src, tmpd / "out_mem", model_name)
+            print(f"medseg segment --model {model_name}, 512x512x600: peak RSS {gib:.2f} GiB")
             return
         cases = []
         if args.case in ("philips", "all"):
@@ -148,10 +156,11 @@ def main() -> None:
             cases.append(("synthetic 512x512x300 (NIfTI)",
                           make_synthetic(tmpd / "ct300.nii.gz", 300)))
         for label, src in cases:
-            t_cli = run_medseg_cli(src, tmpd / "medseg_cli", args.threads)
-            t_med = run_medseg(src, tmpd / "medseg", args.threads)
+            t_cli = run_medseg_cli(src, tmpd / "medseg_cli", args.threads, model_name)
+            t_med = run_medseg(src, tmpd / "medseg", args.threads, model_name)
             t_lm = run_lungmask(src, tmpd / "lungmask", args.threads)
-            print(f"{label}: medseg {t_med:.1f} s (warm; the command, cold: {t_cli:.1f} s), "
+            print(f"{label}: medseg ({model_name}) {t_med:.1f} s (warm; the command, cold: "
+                  f"{t_cli:.1f} s), "
                   f"lungmask R231 {t_lm:.1f} s (warm), ratio {t_lm / t_med:.1f}x "
                   f"(cold command: {t_lm / t_cli:.1f}x)", flush=True)
 

@@ -162,18 +162,18 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
     def tick(n: int) -> None:
         done[0] += n
         if progress is not None:
-            progress(done[0] / max(1, b - a))
+            progress(done[0] * model.coronal_stride / max(1, b - a))
 
     other = view_probabilities(net, stack, slice_mm, spec.pixel_spacing_mm,
                                spec.context_slices, 2 ** len(spec.strides), (a, b),
                                batch=settings.batch_size, device=settings.device,
-                               progress=tick)
-    fused = fuse(p_axial, other, model.fusion)
+                               stride=model.coronal_stride, progress=tick)
+    fused = fuse(p_axial, other, model.fusion, model.axial_weight)
     if a > 0 or b < n_j:  # the axial view alone outside the coronal slices run
         keep = torch.ones(n_j, dtype=torch.bool)
         keep[a:b] = False
         fused[..., keep] = p_axial[..., keep]
-    return fused, b - a
+    return fused, len(range(a, b, model.coronal_stride))
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,

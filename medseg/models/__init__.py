@@ -99,6 +99,11 @@ class LoadedModel:
     #: axial one by ``fusion``; None for a one-view model.
     second: LoadedModel | None = None
     fusion: str = "mean"
+    #: The axial view's weight in the fusion's mean (the coronal one's: 1 - it).
+    axial_weight: float = 0.5
+    #: The coronal network runs on every ``coronal_stride``-th coronal slice, the others
+    #: interpolated (:func:`medseg.inference.views.view_probabilities`).
+    coronal_stride: int = 1
 
 
 def build_network(spec: ModelSpec) -> UNet:
@@ -136,7 +141,9 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
     The card (JSON beside the weights) holds the architecture and the weights' SHA-256;
     a mismatch is an error, not a warning. A two-view card names its two models instead
     (``"views": {"axial": A, "coronal": C}``, each a shipped name or a card path relative
-    to it) and how they are fused (``"fusion"``, :data:`medseg.inference.views.FUSIONS`);
+    to it) and how they are fused (``"fusion"``, :data:`medseg.inference.views.FUSIONS`,
+    the axial view's weight ``"axial_weight"``, default 0.5, and ``"coronal_stride"``,
+    default 1);
     its SHA-256 is that of the two weights' digests.
     """
     card_path = _card_path(name_or_path)
@@ -169,10 +176,16 @@ def _load_two_views(card: dict[str, Any], card_path: Path) -> LoadedModel:
 
     views = card["views"]
     fusion = str(card.get("fusion", "mean"))
-    if set(views) != {"axial", "coronal"} or fusion not in FUSIONS:
+    weight = card.get("axial_weight", 0.5)
+    stride = card.get("coronal_stride", 1)
+    if set(views) != {"axial", "coronal"} or fusion not in FUSIONS \
+            or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0 \
+            or not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"model card {card_path}: a two-view model has views axial and "
-                          f"coronal (has {', '.join(views)}) and a fusion among "
-                          f"{', '.join(FUSIONS)} (has {fusion!r})")
+                          f"coronal (has {', '.join(views)}), a fusion among "
+                          f"{', '.join(FUSIONS)} (has {fusion!r}), an axial_weight in "
+                          f"[0, 1] (has {weight!r}) and a coronal_stride >= 1 (has "
+                          f"{stride!r})")
     axial = load_model(_card_path(views["axial"], card_path.parent))
     coronal = load_model(_card_path(views["coronal"], card_path.parent))
     for m, view in ((axial, "axial"), (coronal, "coronal")):
@@ -184,4 +197,5 @@ def _load_two_views(card: dict[str, Any], card_path: Path) -> LoadedModel:
     digest = hashlib.sha256(f"{axial.sha256}+{coronal.sha256}".encode()).hexdigest()
     spec = replace(axial.spec, name=str(card["name"]), card=card)
     return LoadedModel(spec=spec, network=axial.network, sha256=digest, path=str(card_path),
-                       second=coronal, fusion=fusion)
+                       second=coronal, fusion=fusion, axial_weight=float(weight),
+                       coronal_stride=stride)

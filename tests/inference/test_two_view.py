@@ -42,12 +42,21 @@ def test_coronal_probabilities_are_those_training_validated() -> None:
     part = view_probabilities(net, torch.from_numpy(stack), 2.0, 2.0, 1, 16, (3, 8))
     np.testing.assert_allclose(part[..., 3:8].numpy(), ref[..., 3:8], atol=1e-5)
     assert not part[..., :3].any() and not part[..., 8:].any()
+    # every second slice run (and the range's last), the ones between interpolated
+    half = view_probabilities(net, torch.from_numpy(stack), 2.0, 2.0, 1, 16, (2, 9),
+                              stride=3).numpy()
+    for j in (2, 5, 8):
+        np.testing.assert_allclose(half[..., j], ref[..., j], atol=1e-5)
+    np.testing.assert_allclose(half[..., 3], (2 * ref[..., 2] + ref[..., 5]) / 3, atol=1e-5)
+    np.testing.assert_allclose(half[..., 7], (ref[..., 5] + 2 * ref[..., 8]) / 3, atol=1e-5)
 
 
 def test_fusions_and_lung_extent() -> None:
     a = torch.tensor([[0.8, 0.0], [0.1, 0.2]])[:, None]   # (2 lungs, 1, 2 voxels)
     b = torch.tensor([[0.2, 0.1], [0.0, 0.6]])[:, None]
     np.testing.assert_allclose(fuse(a, b, "mean").numpy(), ((a + b) / 2).numpy())
+    np.testing.assert_allclose(fuse(a, b, "mean", 0.7).numpy(), (0.7 * a + 0.3 * b).numpy(),
+                               atol=1e-6)
     u = fuse(a, b, "union")
     np.testing.assert_allclose(u.sum(0).numpy(), [[0.9, 0.7]], atol=1e-6)
     np.testing.assert_allclose((u[0] / u.sum(0)).numpy(), [[1.0 / 1.1, 0.1 / 0.9]],
@@ -59,6 +68,11 @@ def test_fusions_and_lung_extent() -> None:
     assert lung_extent(p, axis=2, margin=2) == (2, 8)
     assert lung_extent(p, axis=2, margin=9) == (0, 10)
     assert lung_extent(torch.zeros((4, 5, 10)), axis=2, margin=2) == (0, 0)
+    big = torch.zeros((30, 40, 100))
+    big[:, :, 40:60] = 0.9          # 24,000 lung voxels over columns 40..59
+    big[0, 0, 3] = 0.9              # a stray speck: left out of the extent
+    assert lung_extent(big, axis=2, margin=5) == (35, 65)
+    assert lung_extent(big, axis=2, margin=5, tail=0.0) == (0, 65)
 
 
 def _save(model_spec: ModelSpec, folder: Path, seed: int) -> Path:
@@ -101,6 +115,11 @@ def test_two_view_card_loads_both_and_refuses_a_wrong_pair(two_view: Path) -> No
                                "fusion": "vote"}))
     with pytest.raises(ConfigError, match="fusion"):
         load_model(bad)
+    bad.write_text(json.dumps({"name": "bad", "views": {"axial": "ax.json",
+                                                        "coronal": "cor.json"},
+                               "axial_weight": 1.5}))
+    with pytest.raises(ConfigError, match="axial_weight"):
+        load_model(bad)
     with pytest.raises(ConfigError, match="coronal"):
         unet_labels(_body(), load_model(two_view.parent / "cor.json"), InferenceSettings())
 
@@ -126,3 +145,26 @@ def test_two_view_labels_keep_the_grid_for_any_axis_order(two_view: Path, case: 
     # the coronal slices are resampled from the series' own slices: the same world
     # positions for every axis order, up to float rounding at probability ties
     assert (back == ref).mean() > 0.999
+
+
+def test_shipped_two_view_model_segments_the_sample_on_its_grid() -> None:
+    """lung2d-v19 (lung2d-v8 + the coronal lung2d-c1, docs/model-card.md): both shipped
+    weights pass their checksums, the mask keeps the input's grid in world space for a
+    coronal storage order, and it is as accurate on the sample phantom as the default."""
+    import medseg
+    from medseg.segment import segment
+    from tests.conftest import REPO_ROOT
+    from tests.helpers import dice
+
+    model = load_model("lung2d-v19")
+    assert model.second is not None and model.second.spec.name == "lung2d-c1"
+    assert (model.fusion, model.axial_weight, model.coronal_stride) == ("mean", 0.7, 2)
+    sample = REPO_ROOT / "sample_data" / "phantom_000"
+    image, ref = medseg.load(sample / "image.nii.gz"), medseg.load(sample / "labels.nii.gz")
+    mask = segment(image, model=model).labels
+    assert mask.geometry == image.geometry and mask.shape == image.shape
+    for label in (1, 2):
+        assert dice(mask.array == label, ref.array == label) >= 0.95
+    other = reindex(image, (0, 2, 1), (False, True, False))
+    back = labels_on_grid(other.with_array(segment(other, model=model).labels.array), image)
+    assert (back == mask.array).mean() > 0.999
