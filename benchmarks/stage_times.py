@@ -3,10 +3,13 @@ input N times after a warm-up (imports done, model loaded, allocator tuned, as a
 worker runs), each stage's median from ``segment.json``'s timings.
 
     python benchmarks/stage_times.py [--input PATH] [--runs N] [--base COMMIT]
+                                     [--model NAME_OR_CARD ...]
 
 Default input: ../shared/data/chest-ct-philips-141. ``--base COMMIT`` also runs an earlier
 commit (checked out into a temporary ``git worktree``, this script run there with
-``PYTHONPATH`` set to it) first, and prints both tables side by side.
+``PYTHONPATH`` set to it) first, and prints both tables side by side. ``--model`` (repeated)
+times each model in this process, one column each (e.g. the two-view lung2d-v19 against
+lung2d-v8).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def measure(src: Path, runs: int) -> dict[str, float]:
+def measure(src: Path, runs: int, model_name: str | None = None) -> dict[str, float]:
     """Median seconds per stage (and ``wall``) over ``runs`` warm runs."""
     import medseg.inference.unet  # torch, MONAI
     import medseg.io.dicom_seg  # highdicom
@@ -35,7 +38,7 @@ def measure(src: Path, runs: int) -> dict[str, float]:
     from medseg.segment import segment_study
 
     _alloc.tune()
-    model = load_model()
+    model = load_model(model_name) if model_name else load_model()
     per: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs + 1):
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--base", default=None, help="earlier commit to compare against")
+    ap.add_argument("--model", action="append", default=None,
+                    help="a model to time (name or card); repeat it to compare models in "
+                         "the same process, e.g. --model lung2d-v8 --model lung2d-v19 "
+                         "(default: the default model)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.json:  # the child run of --base: one JSON line, and which medseg it ran
@@ -85,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT,
                                check=False)
-    tables["this tree"] = measure(args.input, args.runs)
+    if args.model:
+        for name in args.model:
+            tables[f"this tree, {name}"] = measure(args.input, args.runs, name)
+    else:
+        tables["this tree"] = measure(args.input, args.runs)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; {args.input}; "
           f"median of {args.runs} warm runs (s)")
     keys = list(dict.fromkeys(k for t in tables.values() for k in t))

@@ -173,7 +173,8 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
         keep = torch.ones(n_j, dtype=torch.bool)
         keep[a:b] = False
         fused[..., keep] = p_axial[..., keep]
-    return fused, len(range(a, b, model.coronal_stride))
+    run = range(a, b, model.coronal_stride)
+    return fused, len(run) + (1 if len(run) and run[-1] != b - 1 else 0)
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
@@ -221,8 +222,9 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     settings.timings["orient_s"] = time.perf_counter() - t0
     second = model.second
     # a two-view model keeps the axial probabilities and the prepared stack on the model's
-    # grid (2 mm in plane: 2 x 600 x 256 x 256 float32 = 0.3 GB at most) until the coronal
-    # network has run; a one-view model turns each slab into labels at once
+    # grid (2 mm in plane: 3 x 600 x 256 x 256 float32 = 0.5 GB at most) until the coronal
+    # network has run (peak RSS on a 512 x 512 x 600 study 1.92 GiB, one view 1.51:
+    # docs/benchmarks.md); a one-view model turns each slab into labels at once
     held: list[tuple[int, int, MetaTensor]] = []
     p_axial = stack = None
     # progress in slices' worth of the work: a two-view model's axial pass is about 45 %
