@@ -111,7 +111,7 @@ def test_a_coronal_model_trains_and_segment_refuses_it(tmp_path: Path) -> None:
     image, _ = make_phantom(seed=9, shape=(6, 48, 48), spacing=(5.0, 5.0, 5.0))
     with pytest.raises(ConfigError, match="sees coronal slices"):
         unet_labels(image, model, InferenceSettings())
-    with pytest.raises(ConfigError, match="axial-view models only"):
+    with pytest.raises(ConfigError, match="alone or with a coronal one"):
         unet_labels(image, random_model(ModelSpec(name="r", view="coronal")),
                     InferenceSettings())
     # an axial model's architecture is written as before (no "view" key)
