@@ -147,6 +147,7 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
         CORONAL_MARGIN_MM,
         fuse,
         lung_extent,
+        run_slices,
         view_probabilities,
     )
 
@@ -173,8 +174,7 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
         keep = torch.ones(n_j, dtype=torch.bool)
         keep[a:b] = False
         fused[..., keep] = p_axial[..., keep]
-    run = range(a, b, model.coronal_stride)
-    return fused, len(run) + (1 if len(run) and run[-1] != b - 1 else 0)
+    return fused, len(run_slices(a, b, model.coronal_stride))
 
 
 def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSettings,
@@ -193,7 +193,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     oriented = cast(MetaTensor, orient({"image": to_metatensor(volume)})["image"])
     n_slices = int(oriented.shape[-1])
     # slice spacing of the oriented volume (its third axis) sets the context step
-    step = spec.context_step(float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2])))
+    slice_mm = float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2]))
+    step = spec.context_step(slice_mm)
     # a noisy study is smoothed in plane before the downsampling (anti-aliasing)
     noise, sigma = study_antialias(volume, oriented, spec.pixel_spacing_mm)
     settings.input_noise_hu = round(noise, 1)
@@ -280,7 +281,6 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     if second is not None:
         assert p_axial is not None and stack is not None
         tv = time.perf_counter()
-        slice_mm = float(np.linalg.norm(np.asarray(oriented.affine)[:3, 2]))
         fused, n_run = _second_view(model, second, p_axial, stack, slice_mm, settings,
                                     lambda f: report(0.45 + 0.45 * f))
         settings.timings["second_view_s"] = time.perf_counter() - tv

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSIONS", "fuse", "lung_extent", "view_probabilities"]
+__all__ = ["FUSIONS", "fuse", "lung_extent", "run_slices", "view_probabilities"]
 
 #: How the two views' lung probabilities are combined: ``mean`` of the two softmax outputs
 #: (weighted: the axial view's weight ``axial_weight``, the coronal one's the rest);
@@ -70,6 +70,15 @@ def lung_extent(p_lung: torch.Tensor, axis: int, margin: int, tail: float = LUNG
     return max(0, first - margin), min(n, last + 1 + margin)
 
 
+def run_slices(a: int, b: int, stride: int) -> list[int]:
+    """The coronal slices of ``[a, b)`` the network runs on: every ``stride``-th and the
+    range's last (the ones between are interpolated)."""
+    run = list(range(a, b, max(1, stride)))
+    if run and run[-1] != b - 1:
+        run.append(b - 1)
+    return run
+
+
 def view_probabilities(network: Callable[[torch.Tensor], torch.Tensor],
                        stack: torch.Tensor, slice_mm: float, pixel_mm: float, context: int,
                        divisor: int, j_range: tuple[int, int], batch: int = 16,
@@ -89,9 +98,7 @@ def view_probabilities(network: Callable[[torch.Tensor], torch.Tensor],
     out = torch.zeros((2, j_n, i_n, k2), dtype=torch.float32)
     a, b = j_range
     offsets = torch.arange(-context, context + 1)
-    run = list(range(a, b, max(1, stride)))
-    if run and run[-1] != b - 1:
-        run.append(b - 1)
+    run = run_slices(a, b, stride)
     with torch.inference_mode():
         for n0 in range(0, len(run), batch):
             js = torch.tensor(run[n0:n0 + batch], dtype=torch.long)

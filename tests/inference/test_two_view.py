@@ -14,7 +14,13 @@ from scipy import ndimage
 
 from medseg.errors import ConfigError
 from medseg.inference.unet import InferenceSettings, random_model, unet_labels
-from medseg.inference.views import _resample_axis0, fuse, lung_extent, view_probabilities
+from medseg.inference.views import (
+    _resample_axis0,
+    fuse,
+    lung_extent,
+    run_slices,
+    view_probabilities,
+)
 from medseg.models import ModelSpec, load_model
 from medseg.train.data import Sample
 from medseg.train.loop import predict_sample
@@ -42,7 +48,8 @@ def test_coronal_probabilities_are_those_training_validated() -> None:
     part = view_probabilities(net, torch.from_numpy(stack), 2.0, 2.0, 1, 16, (3, 8))
     np.testing.assert_allclose(part[..., 3:8].numpy(), ref[..., 3:8], atol=1e-5)
     assert not part[..., :3].any() and not part[..., 8:].any()
-    # every second slice run (and the range's last), the ones between interpolated
+    # every third slice run (and the range's last), the ones between interpolated
+    assert run_slices(2, 9, 3) == [2, 5, 8] and run_slices(2, 10, 3) == [2, 5, 8, 9]
     half = view_probabilities(net, torch.from_numpy(stack), 2.0, 2.0, 1, 16, (2, 9),
                               stride=3).numpy()
     for j in (2, 5, 8):
