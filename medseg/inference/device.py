@@ -10,7 +10,10 @@ probabilities on the CPU (``SliceInferer(sw_device=cuda, device=cpu)``), so the 
 one batch of windows and the network, whatever the volume's size. Batch workers on a
 machine with several GPUs each pin one (:func:`worker_device`).
 
-Precision (:func:`resolve_precision`): fp32 by default, on every device. ``bf16``
+Precision (:func:`resolve_precision`): fp32 by default, on every device. On the CPU the
+network runs on channels-last activations (oneDNN's faster layout: 1.2x for the whole network
+stage on chest-ct-philips-141, the same masks voxel for voxel on the seven shared studies;
+docs/benchmarks.md, 2026-12-07). ``bf16``
 (``MEDSEG_PRECISION=bf16``) runs the network under bfloat16 autocast with channels-last
 activations, faster on a CPU with bf16 in hardware (AVX512_BF16, AMX), but it is not
 the default because it moves the decisions the network is least sure of: on the robustness

@@ -91,10 +91,11 @@ class LoadedModel:
     network: torch.nn.Module
     sha256: str
     path: str
-    #: The network's bf16 form per device, made on first use
-    #: (:func:`medseg.inference.unet.unet_labels` with precision bf16).
-    bf16_networks: dict[str, torch.nn.Module] = field(default_factory=dict, init=False,
-                                                      repr=False, compare=False)
+    #: The network as it runs per (device, precision), made on first use
+    #: (:func:`medseg.inference.unet.unet_labels`): a channels-last copy on the CPU, under
+    #: autocast for bf16.
+    run_networks: dict[tuple[str, str], torch.nn.Module] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
     #: A two-view model's coronal network (:mod:`medseg.inference.views`), fused with this
     #: axial one by ``fusion``; None for a one-view model.
     second: LoadedModel | None = None
