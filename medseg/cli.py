@@ -187,11 +187,26 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from medseg.config import read_yaml
     from medseg.train import load_train_config, train
 
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    job = read_yaml(args.config).get("job")
+    if job == "train_refine":  # the 3D refinement stage (medseg.train.refine)
+        from medseg.train.refine import load_refine_config, train_refiner
+
+        rcfg = load_refine_config(args.config, output_dir=args.output_dir)
+        if args.max_minutes is not None:
+            rcfg.training.minutes = args.max_minutes
+        rcard = train_refiner(rcfg, log=log)
+        if not args.quiet:
+            out = Path(rcfg.output_dir)
+            pair = out / f"{rcard['name']}-on-{rcfg.base_model}.json"
+            print(f"refinement card: {out / (rcard['name'] + '.json')}; with its slice "
+                  f"model: {pair}")
+        return EXIT_OK
     cfg = load_train_config(args.config, output_dir=args.output_dir, max_minutes=args.max_minutes,
                             device=args.device)
-    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     card = train(cfg, log=log)
     if not args.quiet:
         print(f"model card: {Path(cfg.output_dir) / (card['name'] + '.json')}")
@@ -331,7 +346,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError
 
     job = read_yaml(args.config).get("job")
-    if job == "train":
+    if job in ("train", "train_refine"):
         return _cmd_train(argparse.Namespace(config=args.config, output_dir=None,
                                              max_minutes=None, device=None, quiet=args.quiet))
     if job == "batch":
@@ -342,7 +357,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from medseg.node.cli import run_config as run_node_config
 
         return run_node_config(args.config, quiet=args.quiet)
-    raise ConfigError(f"unknown job {job!r}; known: train, batch, listen", path=args.config)
+    raise ConfigError(f"unknown job {job!r}; known: train, train_refine, batch, listen",
+                      path=args.config)
 
 
 def _parse_triple(text: str, kind: type) -> tuple[Any, Any, Any]:
@@ -491,7 +507,10 @@ def _register_train(sub: Any) -> None:
         description="Train the 2D U-Net as configured in CONFIG (e.g. "
         "pipelines/train_lung2d.yaml): phantoms + the labelled real study, Dice+CE loss, "
         "validation Dice every epoch, early stopping. Writes weights, a model card (JSON with "
-        "the weights' SHA-256), log.csv and curves.png to the output folder.")
+        "the weights' SHA-256), log.csv and curves.png to the output folder. A config with "
+        "job: train_refine (e.g. pipelines/train_lung3d_r2.yaml) trains the 3D refinement "
+        "stage of a slice model instead (medseg.train.refine): --max-minutes then overrides "
+        "training.minutes.")
     p.add_argument("config", type=Path, help="training config (YAML)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--max-minutes", type=float, default=None, help="override max_minutes")

@@ -230,16 +230,18 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
                            overlap=settings.overlap, mode=settings.blend_mode,
                            padding_mode="constant", cval=0.0, progress=False, **on_gpu)
     settings.timings["orient_s"] = time.perf_counter() - t0
-    second = model.second
-    # a two-view model keeps the axial probabilities and the prepared stack on the model's
-    # grid (2 mm in plane: 3 x 600 x 256 x 256 float32 = 0.5 GB at most) until the coronal
-    # network has run (peak RSS on a 512 x 512 x 600 study 1.92 GiB, one view 1.51:
-    # docs/benchmarks.md); a one-view model turns each slab into labels at once
+    second, refiner = model.second, model.refiner
+    # a two-view or refined model keeps the axial probabilities and the prepared stack on
+    # the model's grid (2 mm in plane: 3 x 600 x 256 x 256 float32 = 0.5 GB at most) until
+    # the coronal network and the refinement have run (peak RSS on a 512 x 512 x 600 study
+    # 1.92 GiB with two views, one view 1.51: docs/benchmarks.md); a one-view model turns
+    # each slab into labels at once
+    keep = second is not None or refiner is not None
     held: list[tuple[int, int, MetaTensor]] = []
     p_axial = stack = None
     # progress in slices' worth of the work: a two-view model's axial pass is about 45 %
     # of it, the coronal one as much, the inversion the rest
-    share = 1.0 if second is None else 0.45
+    share = 1.0 if not keep else 0.45 if second is not None else 0.8
 
     def report(frac: float) -> None:
         if progress is not None:
@@ -254,7 +256,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         slab = smooth_in_plane(slab_as_2d(oriented, lo, hi), sigma)
         img = cast(MetaTensor, pre({"image": slab})["image"])
         x = img.as_tensor()  # (hi - lo, I', J')
-        if second is not None:
+        if keep:
             if stack is None:
                 stack = torch.zeros((n_slices, *x.shape[1:]), dtype=torch.float32)
                 p_axial = torch.zeros((2, *stack.shape), dtype=torch.float32)
@@ -274,7 +276,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
         probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)
         tc = time.perf_counter()
-        if second is None:
+        if not keep:
             labels_oriented[..., k0:k1] = _invert_argmax(invert, probs.permute(0, 3, 1, 2),
                                                          img)
         else:
@@ -287,13 +289,23 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         t_inv += td - tc
         done += n_core
         report(share * done / n_slices)
-    if second is not None:
+    if keep:
         assert p_axial is not None and stack is not None
-        tv = time.perf_counter()
-        fused, n_run = _second_view(model, second, p_axial, stack, slice_mm, settings,
-                                    lambda f: report(0.45 + 0.45 * f))
-        settings.timings["second_view_s"] = time.perf_counter() - tv
-        settings.second_view_slices = n_run
+        fused = p_axial
+        if second is not None:
+            tv = time.perf_counter()
+            fused, n_run = _second_view(model, second, p_axial, stack, slice_mm, settings,
+                                        lambda f: report(0.45 + 0.45 * f))
+            settings.timings["second_view_s"] = time.perf_counter() - tv
+            settings.second_view_slices = n_run
+        if refiner is not None:
+            from medseg.inference.refine import refine_probabilities
+
+            tv = time.perf_counter()
+            fused = refine_probabilities(refiner, fused, stack, slice_mm,
+                                         spec.pixel_spacing_mm)
+            settings.timings["refine_s"] = time.perf_counter() - tv
+            report(0.9)
         del p_axial, stack
         td = time.perf_counter()
         for k0, k1, grid in held:

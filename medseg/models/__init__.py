@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from medseg.checksums import sha256_file as sha256_of
 from medseg.errors import ConfigError, UnreadableFileError
 from medseg.inference import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from medseg.inference.refine import Refiner
+
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
@@ -27,11 +30,14 @@ __all__ = [
     "available_models",
     "build_network",
     "load_model",
+    "load_refiner",
     "sha256_of",
 ]
 
 #: Output channels: background, right lung (label 1), left lung (label 2), as lungmask.
 N_CLASSES = 3
+#: The ``"kind"`` of a 3D refinement stage's card (:mod:`medseg.inference.refine`).
+REFINER_KIND = "refine3d"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class LoadedModel:
     #: The coronal network runs on every ``coronal_stride``-th coronal slice, the others
     #: interpolated (:func:`medseg.inference.views.view_probabilities`).
     coronal_stride: int = 1
+    #: A 3D refinement of the slice networks' lung probability
+    #: (:mod:`medseg.inference.refine`), None without one.
+    refiner: Refiner | None = None
 
 
 def build_network(spec: ModelSpec) -> UNet:
@@ -148,12 +157,34 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
     its SHA-256 is that of the two weights' digests.
     """
     card_path = _card_path(name_or_path)
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UnreadableFileError(f"cannot read model card: {exc}", path=card_path) from exc
+    card = _read_card(card_path)
+    if card.get("kind") == REFINER_KIND:
+        raise ConfigError(f"model card {card_path}: {card.get('name')} is a 3D refinement "
+                          "stage, not a segmentation model: use a card that names it beside "
+                          'its slice model ({"base": ..., "refine": ...})')
+    if "refine" in card:
+        return _load_refined(card, card_path)
     if "views" in card:
         return _load_two_views(card, card_path)
+    weights, digest = _checked_weights(card, card_path)
+    spec = ModelSpec.from_dict(card["architecture"], card)
+    net = build_network(spec)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    net.eval()
+    return LoadedModel(spec=spec, network=net, sha256=digest, path=str(weights))
+
+
+def _read_card(card_path: Path) -> dict[str, Any]:
+    try:
+        card: dict[str, Any] = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnreadableFileError(f"cannot read model card: {exc}", path=card_path) from exc
+    return card
+
+
+def _checked_weights(card: dict[str, Any], card_path: Path) -> tuple[Path, str]:
+    """The card's weights file and its SHA-256, checked against the card's."""
     weights = card_path.with_name(card["weights_file"])
     if not weights.exists():
         raise UnreadableFileError("model weights file is missing", path=weights)
@@ -161,12 +192,45 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> LoadedModel:
     if digest != card["sha256"]:
         raise UnreadableFileError(
             f"checksum mismatch: expected {card['sha256']}, file has {digest}", path=weights)
-    spec = ModelSpec.from_dict(card["architecture"], card)
-    net = build_network(spec)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    return weights, digest
+
+
+def load_refiner(name_or_path: str | Path, beside: Path | None = None) -> Refiner:
+    """A 3D refinement network by shipped name or card path (a card with ``"kind":
+    "refine3d"``, :mod:`medseg.inference.refine`)."""
+    from medseg.inference.refine import Refiner, build_refiner_network
+
+    card_path = _card_path(name_or_path, beside)
+    card = _read_card(card_path)
+    if card.get("kind") != REFINER_KIND:
+        raise ConfigError(f"model card {card_path}: not a 3D refinement stage (its \"kind\" "
+                          f"is {card.get('kind')!r}, not {REFINER_KIND!r})")
+    weights, digest = _checked_weights(card, card_path)
+    arch = card["architecture"]
+    net = build_refiner_network(tuple(arch["channels"]), int(arch.get("num_res_units", 1)))
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     net.eval()
-    return LoadedModel(spec=spec, network=net, sha256=digest, path=str(weights))
+    return Refiner(name=str(card["name"]), network=net, grid_mm=float(arch["grid_mm"]),
+                   sha256=digest, path=str(weights))
+
+
+def _load_refined(card: dict[str, Any], card_path: Path) -> LoadedModel:
+    """A slice model (one or two views) with a 3D refinement stage: ``{"base": M,
+    "refine": R}``; its SHA-256 is that of the two digests."""
+    import hashlib
+    from dataclasses import replace
+
+    base_name = card.get("base")
+    if not isinstance(base_name, str) or not isinstance(card.get("refine"), str):
+        raise ConfigError(f"model card {card_path}: a refined model names its slice model "
+                          '("base") and its refinement stage ("refine")')
+    base = load_model(_card_path(base_name, card_path.parent))
+    if base.refiner is not None:
+        raise ConfigError(f"model card {card_path}: {base_name} is already refined")
+    refiner = load_refiner(card["refine"], card_path.parent)
+    digest = hashlib.sha256(f"{base.sha256}+{refiner.sha256}".encode()).hexdigest()
+    spec = replace(base.spec, name=str(card["name"]), card=card)
+    return replace(base, spec=spec, sha256=digest, path=str(card_path), refiner=refiner)
 
 
 def _load_two_views(card: dict[str, Any], card_path: Path) -> LoadedModel:
