@@ -305,6 +305,8 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
         vols.append(_Volume(s.name, x, t, s.name.startswith("real-")))
     real = [v for v in vols if v.real]
     phantoms = [v for v in vols if not v.real]
+    if not vols:
+        raise ConfigError("no training data: data.real_train and data.phantoms are empty")
     t_data = time.monotonic() - t_start
     log(f"data ready in {t_data / 60:.1f} min: {len(real)} real, {len(phantoms)} phantom volumes")
     net = build_refiner_network(tuple(cfg.model.channels), cfg.model.num_res_units)
@@ -314,7 +316,8 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
     while time.monotonic() - t0 < tc.minutes * 60:
         xs, ts = [], []
         for _ in range(tc.batch_size):
-            pool = real if (rng.random() < tc.real_share or not phantoms) else phantoms
+            pool = real if real and (rng.random() < tc.real_share or not phantoms) \
+                else phantoms
             xc, tcrop = _crop(pool[int(rng.integers(len(pool)))], tc.crop, rng, tc.focus)
             xs.append(xc)
             ts.append(tcrop)
@@ -324,7 +327,7 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
         loss.backward()
         opt.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 500 == 0:
             log(f"step {step} ({(time.monotonic() - t0) / 60:.1f} min): loss "
                 f"{np.mean(losses[-500:]):.4f}")
