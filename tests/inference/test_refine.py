@@ -124,7 +124,12 @@ def test_train_refine_writes_cards_that_segment(tmp_path: Path) -> None:
     """A tiny run on phantoms only (no shared data): the refinement card, the pair card
     (usable as --model) and a mask on the input's grid."""
     from medseg.segment import segment
-    from medseg.train.refine import RefineTrainConfig, load_refine_config, train_refiner
+    from medseg.train.refine import (
+        RefineTrainConfig,
+        RefineTrainingConfig,
+        load_refine_config,
+        train_refiner,
+    )
 
     yaml = tmp_path / "r.yaml"
     yaml.write_text(f"""job: train_refine
@@ -149,10 +154,4 @@ training: {{minutes: 0.02, crop: [8, 16, 16], lesion_weight: 8, focus: 0.5}}
     seg = segment(vol, model=model, qc=False)
     assert seg.labels.geometry == vol.geometry and seg.labels.shape == vol.shape
     with pytest.raises(ConfigError, match="crop"):
-        RefineTrainConfig(training=refine_training(crop=[10, 16, 16]))
-
-
-def refine_training(**kw: object) -> object:
-    from medseg.train.refine import RefineTrainingConfig
-
-    return RefineTrainingConfig(**kw)  # type: ignore[arg-type]
+        RefineTrainConfig(training=RefineTrainingConfig(crop=[10, 16, 16]))
