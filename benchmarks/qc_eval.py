@@ -104,8 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None,
                     help="model whose masks are the clean cases (default: medseg's default)")
     args = ap.parse_args(argv)
-    shared = Path(args.shared)
-    out = Path(args.out)
+    cases = build_cases(Path(args.shared), Path(args.out), args.model)
+    return _evaluate(cases, Path(args.out), args.json)
+
+
+Case = tuple[str, str, CTVolume, np.ndarray]  # name, kind, image, mask
+
+
+def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]:
+    """Every case of the module's docstring, its mask cached in ``out/masks``."""
     out.mkdir(parents=True, exist_ok=True)
     cache = Path("/tmp/medseg-real-ct-cache")
 
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         slab_crop,
     )
 
-    models = {"shipped": load_model(args.model or DEFAULT_MODEL),
+    models = {"shipped": load_model(model or DEFAULT_MODEL),
               "v2": load_model("lung2d-v2"), "v1": load_model("lung2d-v1")}
     tag = models["shipped"].spec.name  # cache key of the clean masks
 
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "totalseg": lambda: load(shared / "totalseg-example" / "example_ct.nii.gz"),
         "phantom": lambda: load(ROOT / "sample_data" / "phantom_000" / "image.nii.gz"),
     }
-    cases: list[tuple[str, str, CTVolume, np.ndarray]] = []  # name, kind, image, mask
+    cases: list[Case] = []
     vols: dict[str, CTVolume] = {}
     for name, make in studies.items():
         vol = make()
@@ -236,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             d[from_canonical(vol, les.mask)] = 0
             cases.append((f"{name} + 50 mm mass ({anchor}): cut out", "damaged", lvol, d))
 
+    return cases
+
+
+def _evaluate(cases: list[Case], out: Path, as_json: bool) -> int:
     rows: list[dict[str, Any]] = []
     qc_times: list[float] = []
     for name, kind, vol, m in cases:
@@ -255,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["false_alarm_rate"] = round(summary["clean"]["review"] /
                                         max(1, summary["clean"]["cases"]), 3)
     summary["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
-    summary["clean_masks_model"] = tag
+    summary["clean_masks_model"] = next(
+        (name.rsplit("(", 1)[-1].rstrip(")") for name, *_ in cases if "crop right" in name),
+        "")
     result = {"summary": summary, "rows": rows}
     (out / "qc_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
+    if as_json:
         print(json.dumps(result, indent=2))
         return 0
     print("| case | kind | verdict | reasons |\n|---|---|---|---|")

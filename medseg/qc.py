@@ -42,6 +42,15 @@ whatever model made it:
     :data:`DENSE_MIN_ML`: a tumour or consolidation dropped from the lung. A lesion against
     the chest wall or the mediastinum that leaves a wide bite in the lung's outline is NOT
     found this way (measured: docs/concepts/quality-control.md).
+``chest_wall_bite``
+    dense tissue (above :data:`DENSE_HU`) in a bite of a lung's outline: inside the lung's
+    3D closing with a ball of radius :data:`BITE_RADIUS_MM`, with lung above and below it,
+    within :data:`BITE_NEAR_SKIN_MM` (in plane) of the air around the body (so against the
+    chest wall, not the hilum or the heart), left out of the mask, in pieces of at least
+    :data:`BITE_MIN_ML`, on a grid of every :data:`BITE_STEP`-th working voxel (about 6
+    mm): a pleural-based tumour or consolidation dropped (pleural fluid or thickening
+    shows the same way). Not checked when the lungs run into the side of the field of
+    view, nor for a mask without sides.
 ``at_skin``
     a piece of the mask (at least :data:`SKIN_MIN_ML`) most of whose voxels lie within
     :data:`SKIN_DEPTH_MM` (in plane) of the air around the body (air not labelled lung that
@@ -129,6 +138,15 @@ DENSE_MIN_ML = 15.0
 #: A piece of the mask is "at the skin" when at least half of its voxels lie within this
 #: in-plane distance (mm) of outside air; the postprocessing's value (real lungs lie a
 #: median 32 mm or more from it, the air under the abdominal example's mattress cover 6 mm).
+#: The chest-wall bite check (``chest_wall_bite``): the radius of the ball that closes a
+#: lung's outline, the largest in-plane distance from the air around the body, the
+#: smallest piece, and the subsampling of the working grid. Chosen on the cases of
+#: ``benchmarks/qc_eval.py`` (docs/concepts/quality-control.md): clean masks have at most
+#: 2.2 mL of such tissue, 50 mm masses cut out against the pleura 8-13 mL where found.
+BITE_RADIUS_MM = 30.0
+BITE_NEAR_SKIN_MM = 60.0
+BITE_MIN_ML = 5.0
+BITE_STEP = 2
 SKIN_DEPTH_MM = POSTPROCESS_SKIN_DEPTH_MM
 #: Smallest piece at the skin that counts (mL): the postprocessing's size floor.
 SKIN_MIN_ML = MIN_PIECE_ML
@@ -298,9 +316,10 @@ def quality_check(image: CTVolume, labels: CTVolume | npt.NDArray[Any]) -> QCRes
 
     # -- missing lung, volume ratio ----------------------------------------------------
     cut_ends, cut_side = _cuts(g, mask, signals, notes)
+    lung_cut_side = cut_side  # the lungs themselves run into the image's side
     if vols[LABEL_RIGHT] + vols[LABEL_LEFT] == 0:  # one label for both lungs (a 0/1 mask)
         notes.append("the mask does not tell right from left: the side checks were skipped")
-        return _finish(g, mask, signals, reasons, notes, flag, first_slice)
+        return _finish(g, mask, signals, reasons, notes, flag, first_slice, cut_side)
     _sides(g, signals, flag)
     # the body touches a side of the field of view (one hemithorax reconstructed)
     cut_side = cut_side or signals.get("midline", {}).get("from") == "isocentre"
@@ -322,17 +341,18 @@ def quality_check(image: CTVolume, labels: CTVolume | npt.NDArray[Any]) -> QCRes
              "left out or labelled as the other side?")
 
     _contact(g, signals, flag)
-    return _finish(g, mask, signals, reasons, notes, flag, first_slice)
+    return _finish(g, mask, signals, reasons, notes, flag, first_slice, lung_cut_side)
 
 
 def _finish(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],
-            reasons: list[str], notes: list[str], flag: Any, first_slice: list[int]
-            ) -> QCResult:
+            reasons: list[str], notes: list[str], flag: Any, first_slice: list[int],
+            cut_side: bool = False) -> QCResult:
     """The checks that need no sides, and the verdict."""
     body_air = outside_air(g.hu < BODY_MIN_HU)
     _aerated(g, mask, body_air, signals, flag)
     _gas(g, mask, signals, flag)
     _dense(g, body_air, signals, flag)
+    _bite(g, body_air, signals, flag, cut_side)
     _at_skin(g, mask, signals, flag)
     _jumps(g, signals, flag)
     verdict = REVIEW if reasons else OK
@@ -480,6 +500,60 @@ def _dense(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any],
         flag(f"{total:.0f} mL of dense tissue enclosed by the lung is left out of the mask "
              f"(a tumour or consolidation dropped?), the largest piece {worst[0]:.0f} mL "
              f"around {g.where(worst[1])}", worst[1])
+
+
+def _closing(mask: npt.NDArray[np.bool_], spacing: tuple[float, ...], radius: float,
+             pad: list[int]) -> npt.NDArray[np.bool_]:
+    """``mask`` closed with a ball of ``radius`` mm (through two distance transforms),
+    computed on the mask padded by ``pad`` voxels per axis (room for the dilation)."""
+    padded = np.pad(mask, [(p, p) for p in pad])
+    grown = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius
+    closed = ndimage.distance_transform_edt(grown, sampling=spacing) > radius
+    return np.asarray(closed[tuple(slice(p, closed.shape[a] - p)
+                                   for a, p in enumerate(pad))])
+
+
+def _bite(g: _Grid, body_air: npt.NDArray[np.bool_], signals: dict[str, Any], flag: Any,
+          cut_side: bool) -> None:
+    st = (slice(None, None, BITE_STEP),) * 3
+    lab, hu, air = g.lab[st], g.hu[st], body_air[st]
+    # not when the lungs run into the image's side (no chest wall to measure from), nor
+    # for a mask without sides: the closing of both lungs together fills the heart
+    if cut_side or not np.isin(lab, tuple(SIDES)).any() or not air.any():
+        signals["chest_wall_bite_ml"] = None
+        return
+    sp = tuple(float(v) * BITE_STEP for v in g.spacing)
+    mask = lab > 0
+    near = ndimage.distance_transform_edt(~air, sampling=(1e6, sp[1], sp[2])) \
+        <= BITE_NEAR_SKIN_MM
+    candidate = (hu > DENSE_HU) & ~air & ~mask & near
+    found = np.zeros(mask.shape, bool)
+    grow = [int(np.ceil(BITE_RADIUS_MM / v)) + 1 for v in sp]
+    for s in SIDES:
+        lung = lab == s
+        box = bounding_box(lung)
+        if box is None:
+            continue
+        box = tuple(slice(max(0, b.start - n), min(lab.shape[a], b.stop + n))
+                    for a, (b, n) in enumerate(zip(box, grow, strict=True)))
+        sub = lung[box]
+        closed = _closing(sub, sp, BITE_RADIUS_MM, grow)
+        below = np.logical_or.accumulate(sub, axis=0)
+        above = np.logical_or.accumulate(sub[::-1], axis=0)[::-1]
+        found[box] |= closed & below & above & candidate[box]
+    comp, n = _components(found)
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * voxel_ml if n else np.zeros(0)
+    big = np.flatnonzero(sizes >= BITE_MIN_ML)
+    total = float(sizes[big].sum())
+    signals["chest_wall_bite_ml"] = round(total, 1)
+    if big.size:
+        worst = int(big[np.argmax(sizes[big])])
+        k = _centre_slice(comp == worst + 1) * BITE_STEP
+        flag(f"{total:.0f} mL of dense tissue fills a bite in the lung's outline against the "
+             f"chest wall and is left out of the mask (a pleural-based tumour or "
+             f"consolidation dropped? pleural fluid or thickening shows the same way), the "
+             f"largest piece {sizes[worst]:.0f} mL around {g.where(k)}", k)
 
 
 def _at_skin(g: _Grid, mask: npt.NDArray[np.bool_], signals: dict[str, Any],

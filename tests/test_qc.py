@@ -171,6 +171,42 @@ def test_enclosed_tumour_left_out_is_review(phantom) -> None:
     assert r.signals["dense_left_out_ml"] >= 15
 
 
+def test_pleural_mass_cut_out_is_review(phantom) -> None:
+    """A 50 mm mass against the chest wall (benchmarks/qc_eval.py's damage, on the
+    phantom): included in the mask it is ok; cut out, it leaves a bite in the lung's
+    outline that the chest-wall check finds; with the lungs cut by the image's side the
+    check is skipped."""
+    from medseg.train.lesions import insert_lesion
+    from medseg.train.robustness import crop_volume
+
+    image, labels = phantom
+    hu_c, sp = to_canonical(image, np.asarray(image.array, np.float32))
+    lab_c, _ = to_canonical(image, labels)
+    # a placement in the lung's middle third (those at the base, under which there is no
+    # lung, are not found: docs/concepts/quality-control.md)
+    les = insert_lesion(hu_c, lab_c, sp, np.random.default_rng([12, 0]), "mass",
+                        anchor="pleura", side=1, diameter_mm=50.0)
+    assert les is not None
+    with_mass = image.with_array(from_canonical(image, hu_c).astype(image.array.dtype))
+    included = quality_check(with_mass, labels)
+    assert included.verdict == OK, included.reasons
+    assert included.signals["chest_wall_bite_ml"] == 0
+    cut = np.where(from_canonical(image, les.mask), 0, labels)
+    r = quality_check(with_mass, cut)
+    assert r.verdict == REVIEW
+    assert any("bite in the lung's outline against the chest wall" in x for x in r.reasons)
+    assert r.signals["chest_wall_bite_ml"] >= 5 and r.slice is not None
+    # the mass's axial slices hold the slice to look at
+    ks = np.flatnonzero(les.mask.any(axis=(1, 2))) + 1
+    assert ks.min() - 2 <= r.slice <= ks.max() + 2, (r.slice, ks)
+    # the same study cut 10 mm inside the lateral edge of each lung: skipped
+    cols = np.flatnonzero(labels.any(axis=(0, 1)))
+    edge = slice(cols[0] + 10, cols[-1] - 10)
+    side_cut = quality_check(crop_volume(with_mass, (slice(None), slice(None), edge)),
+                             cut[:, :, edge])
+    assert side_cut.signals["chest_wall_bite_ml"] is None
+
+
 def test_a_slice_the_mask_got_wrong_is_review(phantom) -> None:
     image, labels = phantom
     damaged = labels.copy()
