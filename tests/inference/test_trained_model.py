@@ -209,3 +209,12 @@ def test_philips_quality_verdict_ok_and_damage_found(philips) -> None:
     shifted = np.roll(lab, step, axis=2)
     shifted[:, :, :step] = 0
     assert quality_check(image, shifted).verdict == REVIEW
+    # a field of view holding the right hemithorax: the lung runs into the image's side
+    # at the mediastinum, where the heart would look like a bite in its outline (8.8 mL
+    # even with the border's 30 mm left out): the chest-wall check is not run
+    from medseg.train.robustness import hemithorax_crop
+
+    crop, box = hemithorax_crop(image, 1)
+    hemi = quality_check(crop, lab[box])
+    assert hemi.verdict == OK, hemi.reasons
+    assert hemi.signals["chest_wall_bite_ml"] is None
