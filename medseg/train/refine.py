@@ -166,37 +166,20 @@ def _coarse(sample: Any, probs: npt.NDArray[np.float32], pixel_mm: float, grid_m
     return x, t
 
 
-def _real(names: list[str], root: Path, cache: Path, spec: Any, d: RefineDataConfig,
-          seed: int, rounds: int, variants: int, log: Callable[[str], None]) -> list[Any]:
-    """Each study (derived labels, prepared as inference prepares it) and ``rounds x
-    variants`` copies of it with pathology inserted (lesions marked, as for training)."""
-    from medseg.train.data import Sample, _slice_spacing, lesion_variant, prepare_slices
-    from medseg.train.realct import derive_lung_labels, load_real_ct
-
-    out = []
-    for n, name in enumerate(names):
-        vol = load_real_ct(root, name, cache)
-        lab, stats = derive_lung_labels(vol, d.pseudo_label_model)
-        log(f"{name}: derived labels {stats}")
-        img, plab = prepare_slices(vol, vol.with_array(lab), spec)
-        assert plab is not None
-        base = Sample(f"real-{name}", img, plab, slice_mm=_slice_spacing(vol))
-        out.append(base)
-        rng = np.random.default_rng([seed, 1000 + n])
-        out += [lesion_variant(base, base.slice_mm, spec, rng, d.lesions_per_variant,
-                               d.effusion_probability, f"real-{name}-lesions{v}",
-                               mark_lesions=True) for v in range(rounds * variants)]
-    return out
-
-
 def _samples(cfg: RefineTrainConfig, spec: Any, root: Path, cache: Path,
              log: Callable[[str], None]) -> tuple[list[Any], list[Any]]:
     """Prepared training and validation samples (medseg.train.data.Sample)."""
-    from medseg.train.data import _phantom_samples, lesion_variant
+    from medseg.train.config import DataConfig
+    from medseg.train.data import _phantom_samples, _real_samples, lesion_variant
 
     d = cfg.data
-    train = _real(d.real_train, root, cache, spec, d, cfg.seed, d.lesion_rounds,
-                  d.lesion_variants, log)
+    # each real study with derived labels and its copies with pathology, lesions marked as
+    # for training (medseg.train.data)
+    dc = DataConfig(pseudo_label_model=d.pseudo_label_model,
+                    lesions_per_variant=d.lesions_per_variant,
+                    effusion_probability=d.effusion_probability)
+    train = _real_samples(d.real_train, root, cache, spec, dc, cfg.seed,
+                          d.lesion_rounds * d.lesion_variants, None, log)
     seeds = [cfg.seed + 500_000 + i for i in range(d.phantoms)]
     phantoms = _phantom_samples(seeds, d.phantom_shape, spec, d.phantom_abdomen_fraction,
                                 d.phantom_effusion_fraction)
@@ -205,7 +188,8 @@ def _samples(cfg: RefineTrainConfig, spec: Any, root: Path, cache: Path,
                                         d.effusion_probability, f"{p.name}-lesions{v}",
                                         mark_lesions=True)
                          for p in phantoms for v in range(d.phantom_lesion_variants)]
-    val = _real(d.real_val, root, cache, spec, d, cfg.seed + 1, 1, d.val_variants, log)
+    val = _real_samples(d.real_val, root, cache, spec, dc, cfg.seed + 1, d.val_variants,
+                        None, log)
     return train, val
 
 
