@@ -193,7 +193,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     job = read_yaml(args.config).get("job")
     if job == "train_refine":  # the 3D refinement stage (medseg.train.refine)
+        from medseg.errors import ConfigError
         from medseg.train.refine import load_refine_config, train_refiner
+
+        if args.device not in (None, "cpu"):
+            raise ConfigError(f"--device {args.device}: the 3D refinement stage trains on "
+                              "the CPU only (medseg.train.refine)", path=args.config)
 
         rcfg = load_refine_config(args.config, output_dir=args.output_dir)
         if args.max_minutes is not None:

@@ -155,3 +155,7 @@ training: {{minutes: 0.02, crop: [8, 16, 16], lesion_weight: 8, focus: 0.5}}
     assert seg.labels.geometry == vol.geometry and seg.labels.shape == vol.shape
     with pytest.raises(ConfigError, match="crop"):
         RefineTrainConfig(training=RefineTrainingConfig(crop=[10, 16, 16]))
+    # the command refuses a GPU it would not use, before any work
+    from medseg.cli import main
+
+    assert main(["train", str(yaml), "--device", "cuda", "-q"]) != 0
