@@ -240,7 +240,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     held: list[tuple[int, int, MetaTensor]] = []
     p_axial = stack = None
     # progress in slices' worth of the work: a two-view model's axial pass is about 45 %
-    # of it, the coronal one as much, the inversion the rest
+    # of it, the coronal one as much, the inversion the rest; a refined one-view model's
+    # axial pass 80 %, the refinement and the inversion the rest
     share = 1.0 if not keep else 0.45 if second is not None else 0.8
 
     def report(frac: float) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,7 @@ def _fractions(label: npt.NDArray[np.uint8]) -> torch.Tensor:
 @dataclass
 class _Volume:
     name: str
+    # padded to the network's depth once (pad_to_depth): crops are cut from these
     x: torch.Tensor  # (2, K, I, J) coarse CT and lung probability
     t: torch.Tensor  # (4, K, I, J) coarse label fractions
     real: bool
@@ -195,7 +196,7 @@ def _samples(cfg: RefineTrainConfig, spec: Any, root: Path, cache: Path,
 
 def _crop(v: _Volume, crop: list[int], rng: np.random.Generator, focus: float
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    x, t = pad_to_depth(v.x), pad_to_depth(v.t)
+    x, t = v.x, v.t
     at = None
     if focus and rng.random() < focus and bool((t[1] > 0.2).any()):
         idx = torch.nonzero(t[1] > 0.2)
@@ -237,15 +238,15 @@ def score_refinement(refiner: Any, sample: Any, probs: npt.NDArray[np.float32],
     p = torch.from_numpy(probs[1:])
     refined = refine_probabilities(refiner, p, torch.from_numpy(sample.image),
                                    sample.slice_mm, pixel_mm)
+    from medseg.evaluate.metrics import dice
+
     f = _fractions(sample.label).bool()
     lung, lesion, effusion, valid = f[0], f[1], f[2], ~f[3]
     out = {}
     for name, pr in (("base", p), ("refined", refined)):
         bg = 1 - pr[0] - pr[1]
         m = (pr[0] > bg) | (pr[1] > bg)
-        inter = int((m & lung & valid).sum())
-        r = {"dice": round(2 * inter / max(1, int((m & valid).sum()) + int((lung & valid).sum())),
-                           4)}
+        r = {"dice": round(dice((m & valid).numpy(), (lung & valid).numpy()), 4)}
         if lesion.any():
             r["lesion_inside_pct"] = round(100 * float(m[lesion].float().mean()), 1)
         if effusion.any():
@@ -286,7 +287,8 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
     for s in train:
         probs = predict_sample(base.network, s, spec, divisor, softmax=True)
         x, t = _coarse(s, probs, px, cfg.model.grid_mm)
-        vols.append(_Volume(s.name, x, t, s.name.startswith("real-")))
+        vols.append(_Volume(s.name, pad_to_depth(x), pad_to_depth(t),
+                            s.name.startswith("real-")))
     real = [v for v in vols if v.real]
     phantoms = [v for v in vols if not v.real]
     if not vols:
@@ -339,7 +341,7 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
                               f"{len(phantoms)} phantom volumes",
                               f"validation only (never trained on): "
                               f"{', '.join(cfg.data.real_val)}"],
-                     "config": _as_dict(cfg), "minutes": round((time.monotonic() - t_start)
+                     "config": asdict(cfg), "minutes": round((time.monotonic() - t_start)
                                                                / 60, 1),
                      "data_minutes": round(t_data / 60, 1), "torch": torch.__version__},
         "validation": validation,
@@ -350,9 +352,3 @@ def train_refiner(cfg: RefineTrainConfig, *, log: Callable[[str], None] = print,
     write_text(out_dir / f"{cfg.name}-on-{cfg.base_model}.json",
                json.dumps(pair, indent=2) + "\n")
     return card
-
-
-def _as_dict(cfg: RefineTrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
