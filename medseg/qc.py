@@ -139,7 +139,7 @@ DENSE_MIN_ML = 15.0
 #: lung's outline, the largest in-plane distance from the air around the body, the
 #: smallest piece, and the subsampling of the working grid. Chosen on the cases of
 #: ``benchmarks/qc_eval.py`` (docs/concepts/quality-control.md): no clean mask has a 5 mL
-#: piece, the 50 mm masses cut out against the pleura that are found 8-17 mL.
+#: piece; the 50 mm masses cut out against the pleura that are found 12-13 mL.
 BITE_RADIUS_MM = 30.0
 BITE_NEAR_SKIN_MM = 60.0
 BITE_MIN_ML = 5.0
