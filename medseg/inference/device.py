@@ -10,15 +10,19 @@ probabilities on the CPU (``SliceInferer(sw_device=cuda, device=cpu)``), so the 
 one batch of windows and the network, whatever the volume's size. Batch workers on a
 machine with several GPUs each pin one (:func:`worker_device`).
 
-Precision (:func:`resolve_precision`): fp32 by default, on every device. On the CPU the
-network runs on channels-last activations (oneDNN's faster layout: 1.2x for the whole network
-stage on chest-ct-philips-141, the same masks voxel for voxel on the seven shared studies;
-docs/benchmarks.md, 2026-12-07). ``bf16``
-(``MEDSEG_PRECISION=bf16``) runs the network under bfloat16 autocast with channels-last
-activations, faster on a CPU with bf16 in hardware (AVX512_BF16, AMX), but it is not
-the default because it moves the decisions the network is least sure of: on the robustness
-suite (lung2d-v2) inserted masses 93.6 -> 86.6 % inside the mask and 16 mL of an abdominal
-scan's gut gas labelled lung (docs/benchmarks.md, 2026-12-07).
+Precision (:func:`resolve_precision`): ``auto`` by default. On the CPU the network runs on
+channels-last activations (oneDNN's faster layout: 1.2x for the whole network stage on
+chest-ct-philips-141, the same masks voxel for voxel on the seven shared studies;
+docs/benchmarks.md, 2026-12-07). ``auto`` runs it under bfloat16 autocast (``bf16``) where
+the CPU computes bf16 in hardware (the ``avx512_bf16`` or ``amx_bf16`` flag:
+:func:`cpu_has_bf16`) *and* the model's card says bf16 was validated for it
+(``"cpu_bf16"``, :data:`CARD_BF16_KEY`), and in fp32 everywhere else (GPUs included).
+Validated per model because bf16 moves the decisions a network is least sure of, and by
+how much depends on the network: lung2d-v2's inserted masses went from 93.6 to 86.6 %
+inside the mask and 16 mL of an abdominal scan's gut gas became lung, while lung2d-v8's
+robustness suite moved by at most 0.0003 Dice on every row (docs/benchmarks.md). ``fp32``
+or ``bf16`` (``MEDSEG_PRECISION`` or the settings) force one; ``segment.json`` records
+which ran.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import re
 
 from medseg.errors import ConfigError
 
-__all__ = ["DEVICES", "DEVICE_HELP", "PRECISIONS", "PRECISION_ENV", "device_argument",
-           "resolve_device", "resolve_precision", "worker_device"]
+__all__ = ["CARD_BF16_KEY", "DEVICES", "DEVICE_HELP", "PRECISIONS", "PRECISION_ENV",
+           "cpu_has_bf16", "device_argument", "resolve_device", "resolve_precision",
+           "worker_device"]
 
 #: What ``--device`` accepts (and ``cuda:N``).
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,21 +45,50 @@ DEVICE_HELP = ("where the network runs: cpu (default), cuda or cuda:N (an NVIDIA
 
 
 #: What ``MEDSEG_PRECISION`` (and ``precision`` of the settings) accepts.
-PRECISIONS = ("fp32", "bf16")
-#: The environment variable that chooses the network's precision (default fp32).
+PRECISIONS = ("auto", "fp32", "bf16")
+#: The environment variable that chooses the network's precision (default auto).
 PRECISION_ENV = "MEDSEG_PRECISION"
+#: The model card's key that says bf16 on the CPU was validated for the model (what was
+#: measured, as text); ``auto`` runs bf16 only for such a model.
+CARD_BF16_KEY = "cpu_bf16"
+#: /proc/cpuinfo flags of bf16 computed in hardware.
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_cpu_bf16: bool | None = None
 
 
-def resolve_precision(name: str | None = None) -> str:
-    """``"fp32"`` or ``"bf16"``: ``name``, else ``$MEDSEG_PRECISION``, else fp32;
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (a flag of :data:`_BF16_FLAGS` in
+    /proc/cpuinfo; False where that cannot be read): elsewhere torch emulates bf16,
+    slower than fp32."""
+    global _cpu_bf16
+    if _cpu_bf16 is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f
+                              if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        _cpu_bf16 = any(flag in flags for flag in _BF16_FLAGS)
+    return _cpu_bf16
+
+
+def resolve_precision(name: str | None = None, *, device: str = "cpu",
+                      card: dict[str, object] | None = None) -> str:
+    """``"fp32"`` or ``"bf16"`` for a network on ``device`` whose model card is ``card``:
+    ``name``, else ``$MEDSEG_PRECISION``, else ``auto`` (bf16 on a CPU with bf16 in
+    hardware for a model whose card validates it, else fp32);
     :class:`~medseg.errors.ConfigError` for anything else."""
     source = "precision"
     if not name and os.environ.get(PRECISION_ENV):
         name, source = os.environ[PRECISION_ENV], f"${PRECISION_ENV}"
-    text = (name or "fp32").strip().lower()
+    text = (name or "auto").strip().lower()
     if text not in PRECISIONS:
-        raise ConfigError(f"unknown {source} {text!r}: use {' or '.join(PRECISIONS)}")
-    return text
+        raise ConfigError(f"unknown {source} {text!r}: use {', '.join(PRECISIONS)}")
+    if text != "auto":
+        return text
+    on_cpu = device == "cpu" or device.startswith("cpu:")
+    return "bf16" if on_cpu and bool((card or {}).get(CARD_BF16_KEY)) and cpu_has_bf16() \
+        else "fp32"
 
 
 def device_argument(text: str) -> str:

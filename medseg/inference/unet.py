@@ -53,9 +53,10 @@ class InferenceSettings:
     #: torch device of the network: "cpu" (default), "cuda" or "cuda:N" (resolved, see
     #: :mod:`medseg.inference.device`); stitching stays on the CPU.
     device: str = "cpu"
-    #: "fp32", "bf16", or None: ``$MEDSEG_PRECISION``, else fp32
-    #: (:func:`medseg.inference.device.resolve_precision`); :func:`unet_labels` writes
-    #: back the one it used.
+    #: "auto", "fp32", "bf16", or None: ``$MEDSEG_PRECISION``, else auto (bf16 on a CPU
+    #: with bf16 in hardware for a model validated for it, else fp32;
+    #: :func:`medseg.inference.device.resolve_precision`); :func:`unet_labels` writes back
+    #: the one it used.
     precision: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: Filled by :func:`unet_labels`: the input's pixel noise (HU) and the in-plane
@@ -219,7 +220,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     from medseg.inference.device import resolve_precision
 
-    settings.precision = resolve_precision(settings.precision)
+    settings.precision = resolve_precision(settings.precision, device=settings.device,
+                                           card=model.spec.card)
     network = _with_precision(model, _on_device(model, settings.device), settings.device,
                               settings.precision)
     on_gpu: dict[str, Any] = {}
