@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.errors import ConfigError
 import medseg.inference.device as device_mod
+from medseg.errors import ConfigError
 from medseg.inference.device import CARD_BF16_KEY, PRECISION_ENV, resolve_precision
 from medseg.inference.unet import InferenceSettings, random_model, unet_labels
 from medseg.models import DEFAULT_MODEL, load_model
