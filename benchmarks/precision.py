@@ -1,15 +1,19 @@
 """The network in fp32 against bf16 autocast (``MEDSEG_PRECISION=bf16``), same process, same
 study: time of the network stage and how much the raw masks differ.
 
-    python benchmarks/precision.py [--input PATH] [--runs N] [--threads N]
+    python benchmarks/precision.py [--input PATH] [--runs N] [--threads N] [--studies]
 
 Default input: ../shared/data/chest-ct-philips-141. Runs ``unet_labels`` (the shipped
 model, one warm-up each) alternating fp32 and bf16 ``--runs`` times and prints the median
 network seconds of each, their ratio, and the bf16 mask against the fp32 one (voxels that
 differ, Dice per lung). bf16 is fast only where the CPU computes it in hardware (the
 ``avx512_bf16`` or ``amx_bf16`` CPU flag, printed); elsewhere torch emulates it.
+``--studies`` instead segments every shared study (``medseg.segment.segment``: network,
+postprocessing and QC) both ways and prints, per study, the voxels that differ, Dice per
+lung, the volumes and the QC verdicts: the evidence a model card's ``"cpu_bf16"`` cites.
 What bf16 does to the hard cases is measured by the robustness suite:
-``MEDSEG_PRECISION=bf16 medseg validate-model --suite robustness -o out/rob_bf16``.
+``MEDSEG_PRECISION=bf16 medseg validate-model --suite robustness -o out/rob_bf16`` against
+the same with ``MEDSEG_PRECISION=fp32``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ def main() -> int:
     ap.add_argument("--input", type=Path, default=SHARED / "chest-ct-philips-141")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--studies", action="store_true",
+                    help="compare the final masks on every shared study instead of timing")
     args = ap.parse_args()
+    if args.studies:
+        return compare_studies(args.threads)
 
     import numpy as np
 
@@ -74,6 +82,49 @@ def main() -> int:
     print(f"fp32 / bf16: {med['fp32'] / med['bf16']:.2f}x")
     print(f"bf16 vs fp32 raw masks: {int((masks['bf16'] != masks['fp32']).sum())} voxels "
           f"differ; Dice right {m['right']['dice']:.5f}, left {m['left']['dice']:.5f}")
+    return 0
+
+
+def compare_studies(threads: int) -> int:
+    """fp32 against bf16, the whole ``segment`` (postprocessing and QC included), on the
+    shared studies and the sample phantom."""
+    import numpy as np
+    import torch
+
+    from medseg.evaluate.metrics import dice
+    from medseg.io import load
+    from medseg.models import load_model
+    from medseg.segment import segment
+    from medseg.train.realct import load_real_ct
+
+    torch.set_num_threads(threads)
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "medseg-real-ct-cache"
+    studies = {n: (lambda n=n: load_real_ct(SHARED, n, cache))
+               for n in ("lidc-idri-0001", "lungfcp-01-0001", "rider-pilot-0117")}
+    studies |= {
+        "chest-ct-philips-141": lambda: load(SHARED / "chest-ct-philips-141"),
+        "totalseg-example": lambda: load(SHARED / "totalseg-example" / "example_ct.nii.gz"),
+        "cip-ct64": lambda: load(SHARED / "cip-ct64" / "ct-64.nrrd"),
+        "sample phantom_000": lambda: load(ROOT / "sample_data" / "phantom_000"),
+    }
+    model = load_model()
+    print(f"CPU: {cpu_line()}; {threads} threads; model {model.spec.name}")
+    for name, read in studies.items():
+        vol = read()
+        out = {}
+        for precision in ("fp32", "bf16"):
+            os.environ["MEDSEG_PRECISION"] = precision
+            r = segment(vol, model=model)
+            out[precision] = (np.asarray(r.labels.array), (r.qc or {}).get("verdict"))
+        a, b = out["fp32"][0], out["bf16"][0]
+        ml = float(np.prod(vol.spacing)) / 1000.0
+        vols = {p: "/".join(f"{float((x[0] == s).sum()) * ml:.1f}" for s in (1, 2))
+                for p, x in out.items()}
+        print(f"{name} {vol.shape}: {int((a != b).sum())} voxels differ of "
+              f"{int((a > 0).sum())} lung; Dice right {dice(a == 1, b == 1):.5f}, left "
+              f"{dice(a == 2, b == 2):.5f}; mL right/left fp32 {vols['fp32']}, bf16 "
+              f"{vols['bf16']}; QC {out['fp32'][1]} / {out['bf16'][1]}", flush=True)
+    os.environ.pop("MEDSEG_PRECISION", None)
     return 0
 
 
