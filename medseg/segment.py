@@ -197,12 +197,17 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                 f"total lung volume {vols['total']:.0f} mL is outside the plausible "
                 f"{lo:.0f}-{hi:.0f} mL: partial field of view, or not a chest CT?")
     if qc:
-        from medseg.qc import quality_check
-
-        t1 = time.perf_counter()
-        result.qc = quality_check(volume, labels).to_dict()
-        result.timings["qc_s"] = round(time.perf_counter() - t1, 3)
+        _add_qc(result, volume)
     return result
+
+
+def _add_qc(result: Segmentation, volume: CTVolume) -> None:
+    """The mask's quality verdict into ``result.qc`` and its time into the timings."""
+    from medseg.qc import quality_check
+
+    t1 = time.perf_counter()
+    result.qc = quality_check(volume, result.labels.array).to_dict()
+    result.timings["qc_s"] = round(time.perf_counter() - t1, 3)
 
 
 def _default_study_id(path: Path) -> str:
@@ -253,6 +258,16 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                        out_dir=Path(out_dir))
 
 
+def _seg_in_memory(volume: CTVolume, result: Segmentation) -> tuple[Any, dict[str, float]]:
+    """The DICOM SEG, built and read back in memory (no file is written here), and its
+    time: :func:`_segment_into`'s second thread."""
+    from medseg.io.dicom_seg import build_seg
+
+    t1 = time.perf_counter()
+    seg = build_seg(volume, result.labels, method=result.method, model=result.model)
+    return seg, {"dicom_seg": round(time.perf_counter() - t1, 3)}
+
+
 def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                   method: str | Method, model: Any, batch_size: int, threads: int | None,
                   progress: Callable[[int, int], None] | None,
@@ -271,31 +286,39 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
 
         warm_up_in_background()  # the SEG writer's tables load while the network runs
     result = segment(volume, method=method, model=model, batch_size=batch_size,
-                     threads=threads, progress=progress, device=device)
-    t1 = time.perf_counter()
-    report_files: dict[str, str] = {}
-    measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR
-    if report:
-        from medseg.report.study import render_study_files, study_report
+                     threads=threads, progress=progress, qc=False, device=device)
+    # The DICOM SEG is built (and read back) in memory in a second thread while this one
+    # runs QC and makes the report: it needs only the labels, and much of each side's work
+    # (bit packing in one, scipy, numpy and PNG encoding in the other) releases the GIL.
+    # Their timings overlap (docs/benchmarks.md). Every file is written by this thread,
+    # after both, as before.
+    from concurrent.futures import ThreadPoolExecutor
 
-        sid = study_id or _default_study_id(Path(input_path))
-        report_dict = study_report(volume, result.labels, study_id=sid, method=result.method,
-                                   model=result.model, reference=ref,
-                                   warnings=result.warnings, show_phi=show_phi,
-                                   qc=result.qc, reference_labels=reference_labels)
-        report_files = render_study_files(report_dict, volume, result.labels)
-        measurements = report_dict["measurements"]
-    t_report = time.perf_counter() - t1
+    with_seg = dicom_outputs and volume.metadata.source_format == "dicom"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-dicom-seg") as pool:
+        seg_job = pool.submit(_seg_in_memory, volume, result) if with_seg else None
+        _add_qc(result, volume)
+        t1 = time.perf_counter()
+        report_files: dict[str, str] = {}
+        measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR
+        if report:
+            from medseg.report.study import render_study_files, study_report
+
+            sid = study_id or _default_study_id(Path(input_path))
+            report_dict = study_report(volume, result.labels, study_id=sid,
+                                       method=result.method, model=result.model,
+                                       reference=ref, warnings=result.warnings,
+                                       show_phi=show_phi, qc=result.qc,
+                                       reference_labels=reference_labels)
+            report_files = render_study_files(report_dict, volume, result.labels)
+            measurements = report_dict["measurements"]
+        t_report = time.perf_counter() - t1
+        seg, dicom_timings = seg_job.result() if seg_job is not None else (None, {})
     dicom_files: dict[str, str] = {}
     dicom_data: dict[str, bytes] = {}
-    dicom_timings: dict[str, float] = {}
-    if dicom_outputs and volume.metadata.source_format == "dicom":
-        from medseg.io.dicom_seg import build_seg
+    if seg is not None:
         from medseg.io.dicom_sr import build_sr
 
-        t1 = time.perf_counter()
-        seg = build_seg(volume, result.labels, method=result.method, model=result.model)
-        dicom_timings["dicom_seg"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()
         if measurements is None:  # no report: the SR's numbers are computed here
             from medseg.quantify import quantify

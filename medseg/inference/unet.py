@@ -106,6 +106,26 @@ class _ChannelsLast(torch.nn.Module):
         return cast(torch.Tensor, out).float().contiguous()
 
 
+def _single_window(x: torch.Tensor, network: torch.nn.Module, roi: int, batch: int
+                   ) -> torch.Tensor | None:
+    """Logits (1, K, I, J, n) of ``x`` (1, C, I, J, n) where every slice fits in one
+    ``roi`` x ``roi`` window (a 2 mm grid up to 512 mm across: nearly every chest CT): the
+    network on the slices padded to the window as MONAI's sliding window pads them
+    (constant 0, split evenly, the odd pixel after), ``batch`` at a time, cropped back.
+    MONAI's ``SliceInferer`` computes the same from one window per slice, then weighs it by
+    its importance map and divides by the same map (logits within 2e-6 of these); its
+    bookkeeping costs about a quarter of the network stage on the CPU (docs/benchmarks.md).
+    None where a slice needs more than one window."""
+    _, _, i, j, n = x.shape
+    if i > roi or j > roi:
+        return None
+    di, dj = roi - i, roi - j
+    b = torch.nn.functional.pad(x[0].permute(3, 0, 1, 2),
+                                (dj // 2, dj - dj // 2, di // 2, di - di // 2))
+    out = torch.cat([network(b[s:s + batch]) for s in range(0, n, batch)])
+    return out[:, :, di // 2:di // 2 + i, dj // 2:dj // 2 + j].permute(1, 2, 3, 0)[None]
+
+
 def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
                     precision: str) -> torch.nn.Module:
     """``network`` as it runs on ``device`` at ``precision``: a channels-last copy on the
@@ -274,7 +294,9 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         x = x.permute(0, 2, 3, 1)[None]
         tb = time.perf_counter()
         with torch.inference_mode():
-            logits = inferer(x, network)
+            one = _single_window(x, network, spec.roi_size, settings.batch_size) \
+                if settings.device == "cpu" else None
+            logits = one if one is not None else cast(torch.Tensor, inferer(x, network))
         # Lung channels only: bilinear inversion is linear, so the background probability
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
         probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)
