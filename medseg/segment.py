@@ -258,14 +258,19 @@ def segment_study(input_path: str | Path, out_dir: str | Path, *, series: str | 
                        out_dir=Path(out_dir))
 
 
-def _seg_in_memory(volume: CTVolume, result: Segmentation) -> tuple[Any, dict[str, float]]:
-    """The DICOM SEG, built and read back in memory (no file is written here), and its
-    time: :func:`_segment_into`'s second thread."""
+def _seg_and_sr(volume: CTVolume, result: Segmentation, measurements: dict[str, Any]
+                ) -> tuple[Any, Any, dict[str, float]]:
+    """The DICOM SEG (built and read back) and SR, in memory (no file is written here), and
+    their times: :func:`_segment_into`'s second thread."""
     from medseg.io.dicom_seg import build_seg
+    from medseg.io.dicom_sr import build_sr
 
     t1 = time.perf_counter()
     seg = build_seg(volume, result.labels, method=result.method, model=result.model)
-    return seg, {"dicom_seg": round(time.perf_counter() - t1, 3)}
+    t2 = time.perf_counter()
+    sr = build_sr(volume, result.labels, seg.dataset, measurements=measurements)
+    return seg, sr, {"dicom_seg": round(t2 - t1, 3),
+                     "dicom_sr": round(time.perf_counter() - t2, 3)}
 
 
 def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
@@ -287,21 +292,29 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
         warm_up_in_background()  # the SEG writer's tables load while the network runs
     result = segment(volume, method=method, model=model, batch_size=batch_size,
                      threads=threads, progress=progress, qc=False, device=device)
-    # The DICOM SEG is built (and read back) in memory in a second thread while this one
-    # runs QC and makes the report: it needs only the labels, and much of each side's work
-    # (bit packing in one, scipy, numpy and PNG encoding in the other) releases the GIL.
-    # Their timings overlap (docs/benchmarks.md). Every file is written by this thread,
-    # after both, as before.
+    # The lung measurements, then the DICOM SEG (built and read back) and SR are made in
+    # memory in a second thread while this one runs QC and makes the report (from those
+    # measurements): they need only the labels, and much of each side's work (bit packing
+    # in one, scipy, numpy and PNG encoding in the other) releases the GIL. Their timings
+    # overlap (docs/benchmarks.md). Every file is written by this thread, after both.
     from concurrent.futures import ThreadPoolExecutor
 
+    from medseg.quantify import quantify
+
     with_seg = dicom_outputs and volume.metadata.source_format == "dicom"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-dicom-seg") as pool:
-        seg_job = pool.submit(_seg_in_memory, volume, result) if with_seg else None
+    dicom_files: dict[str, str] = {}
+    dicom_data: dict[str, bytes] = {}
+    dicom_timings: dict[str, float] = {}
+    report_files: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-outputs") as pool:
+        numbers = pool.submit(quantify, volume, result.labels) if report or with_seg \
+            else None
+        dicom = pool.submit(lambda: _seg_and_sr(volume, result,
+                                                numbers.result()["measurements"])) \
+            if with_seg and numbers is not None else None
         _add_qc(result, volume)
         t1 = time.perf_counter()
-        report_files: dict[str, str] = {}
-        measurements: dict[str, Any] | None = None  # quantify's, reused by the DICOM SR
-        if report:
+        if report and numbers is not None:
             from medseg.report.study import render_study_files, study_report
 
             sid = study_id or _default_study_id(Path(input_path))
@@ -309,25 +322,14 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
                                        method=result.method, model=result.model,
                                        reference=ref, warnings=result.warnings,
                                        show_phi=show_phi, qc=result.qc,
-                                       reference_labels=reference_labels)
+                                       reference_labels=reference_labels,
+                                       quantified=numbers.result())
             report_files = render_study_files(report_dict, volume, result.labels)
-            measurements = report_dict["measurements"]
         t_report = time.perf_counter() - t1
-        seg, dicom_timings = seg_job.result() if seg_job is not None else (None, {})
-    dicom_files: dict[str, str] = {}
-    dicom_data: dict[str, bytes] = {}
-    if seg is not None:
-        from medseg.io.dicom_sr import build_sr
-
-        t1 = time.perf_counter()
-        if measurements is None:  # no report: the SR's numbers are computed here
-            from medseg.quantify import quantify
-
-            measurements = quantify(volume, result.labels)["measurements"]
-        sr = build_sr(volume, result.labels, seg.dataset, measurements=measurements)
-        dicom_timings["dicom_sr"] = round(time.perf_counter() - t1, 3)
-        dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}
-        dicom_data = {SEG_FILENAME: seg.data, SR_FILENAME: sr.data}
+        if dicom is not None:
+            seg, sr, dicom_timings = dicom.result()
+            dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}
+            dicom_data = {SEG_FILENAME: seg.data, SR_FILENAME: sr.data}
     t1 = time.perf_counter()
     mask_path = save(result.labels, staging / MASK_NAME)
     t_write = time.perf_counter() - t1

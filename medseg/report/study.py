@@ -97,14 +97,17 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
                  reference: CTVolume | None = None, warnings: list[str] | None = None,
                  show_phi: bool = False,
                  reference_labels: str | LabelConvention = DEFAULT_REF_LABELS,
-                 qc: dict[str, Any] | None = None) -> dict[str, Any]:
+                 qc: dict[str, Any] | None = None,
+                 quantified: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report as a dict (JSON-ready after :func:`medseg.evaluate.to_jsonable`).
     ``reference`` (labels on the same grid) adds validation metrics; its values are read
     through ``reference_labels`` (default ``auto``: right=1,left=2, or lung=1 for a 0/1
     mask; see :mod:`medseg.evaluate.labels`), and a value it does not name is an
     :class:`~medseg.errors.InputError`. How the reference was read goes into the warnings
-    when it changes what is scored (only "lung" for a one-label reference)."""
-    q = quantify(image, labels)
+    when it changes what is scored (only "lung" for a one-label reference).
+    ``quantified``: :func:`medseg.quantify.quantify`'s result for these labels, if the
+    caller has it already (computed here otherwise)."""
+    q = quantified if quantified is not None else quantify(image, labels)
     metrics = None
     notes: list[str] = []
     if reference is not None:
