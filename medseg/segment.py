@@ -306,7 +306,8 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
     dicom_data: dict[str, bytes] = {}
     dicom_timings: dict[str, float] = {}
     report_files: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-outputs") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-outputs")
+    try:
         numbers = pool.submit(quantify, volume, result.labels) if report or with_seg \
             else None
         dicom = pool.submit(lambda: _seg_and_sr(volume, result,
@@ -330,6 +331,8 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
             seg, sr, dicom_timings = dicom.result()
             dicom_files = {"dicom_seg": SEG_FILENAME, "dicom_sr": SR_FILENAME}
             dicom_data = {SEG_FILENAME: seg.data, SR_FILENAME: sr.data}
+    finally:  # after a failure or an interrupt, what has not started never starts
+        pool.shutdown(wait=True, cancel_futures=True)
     t1 = time.perf_counter()
     mask_path = save(result.labels, staging / MASK_NAME)
     t_write = time.perf_counter() - t1
