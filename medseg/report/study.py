@@ -7,7 +7,9 @@ Schema (``schema_version`` 1)::
      "provenance": {"medseg_version", "python", "numpy", "torch"},
      "inputs": {"image": {"path", "format", "series_instance_uid", "sha256", "n_files"},
                 "reference": {...} | null},
-     "parameters": {"method", "model": {"name", "sha256"} | null},
+     "parameters": {"method", "model": {"name", "sha256", "precision"} | null}
+                (precision: "fp32" or "bf16", what the network ran in; absent in reports
+                written before 2026-12-07),
      "grid": {"shape_zyx", "spacing", "origin", "direction", "orientation"},
      "measurements": {right|left|lung: {volume_ml, n_voxels, mld_hu, laa950_pct, pd15_hu}},
      "histogram": {"bin_edges_hu", "counts": {right|left|lung: [...]}},
@@ -133,7 +135,9 @@ def study_report(image: CTVolume, labels: CTVolume, *, study_id: str,
         "inputs": {"image": _input_entry(image),
                    "reference": _input_entry(reference) if reference is not None else None},
         "parameters": {"method": method,
-                       "model": {"name": model["name"], "sha256": model["sha256"]}
+                       "model": {"name": model["name"], "sha256": model["sha256"],
+                                 **({"precision": model["precision"]}
+                                    if model.get("precision") else {})}
                        if model else None},
         "grid": {"shape_zyx": list(image.shape), **image.geometry.to_dict()},
         "acquisition": {"modality": md.modality, "manufacturer": md.manufacturer,

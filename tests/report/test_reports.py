@@ -190,3 +190,16 @@ def test_histogram_chart_is_valid_svg_without_matplotlib() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_report_names_the_precision_the_network_ran_in(tmp_path: Path) -> None:
+    image, labels = _study()
+    model = {"name": "lung2d-v8", "sha256": "ab" * 32, "precision": "bf16"}
+    rep = study_report(image, labels, study_id="p", method="unet", model=model)
+    assert rep["parameters"]["model"] == model
+    html = write_study_report(rep, image, labels, tmp_path)["report.html"].read_text()
+    assert "abababababab</code>, bf16)" in html
+    # a model record without it (an older segment.json) still renders
+    old = study_report(image, labels, study_id="p", method="unet",
+                       model={"name": "m", "sha256": "cd" * 32})
+    assert old["parameters"]["model"] == {"name": "m", "sha256": "cd" * 32}
