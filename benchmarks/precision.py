@@ -91,22 +91,14 @@ def compare_studies(threads: int) -> int:
     import numpy as np
     import torch
 
+    from benchmarks.qc_eval import shared_studies
     from medseg.evaluate.metrics import dice
-    from medseg.io import load
     from medseg.models import load_model
     from medseg.segment import segment
-    from medseg.train.realct import load_real_ct
 
     torch.set_num_threads(threads)
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "medseg-real-ct-cache"
-    studies = {n: (lambda n=n: load_real_ct(SHARED, n, cache))
-               for n in ("lidc-idri-0001", "lungfcp-01-0001", "rider-pilot-0117")}
-    studies |= {
-        "chest-ct-philips-141": lambda: load(SHARED / "chest-ct-philips-141"),
-        "totalseg-example": lambda: load(SHARED / "totalseg-example" / "example_ct.nii.gz"),
-        "cip-ct64": lambda: load(SHARED / "cip-ct64" / "ct-64.nrrd"),
-        "sample phantom_000": lambda: load(ROOT / "sample_data" / "phantom_000"),
-    }
+    studies = shared_studies(SHARED, Path(os.environ.get("TMPDIR", "/tmp"))
+                             / "medseg-real-ct-cache")
     model = load_model()
     print(f"CPU: {cpu_line()}; {threads} threads; model {model.spec.name}")
     for name, read in studies.items():

@@ -111,6 +111,22 @@ def main(argv: list[str] | None = None) -> int:
 Case = tuple[str, str, CTVolume, np.ndarray]  # name, kind, image, mask
 
 
+def shared_studies(shared: Path, cache: Path) -> dict[str, Callable[[], CTVolume]]:
+    """The seven studies every real-data benchmark runs on, by short name, each read when
+    called (the real-ct archives extracted once into ``cache``)."""
+    from medseg.train.realct import load_real_ct
+
+    return {
+        "philips-141": lambda: load(shared / "chest-ct-philips-141"),
+        "lidc": lambda: load_real_ct(shared, "lidc-idri-0001", cache),
+        "lungfcp": lambda: load_real_ct(shared, "lungfcp-01-0001", cache),
+        "rider": lambda: load_real_ct(shared, "rider-pilot-0117", cache),
+        "cip-ct64": lambda: load(shared / "cip-ct64" / "ct-64Dicom"),
+        "totalseg": lambda: load(shared / "totalseg-example" / "example_ct.nii.gz"),
+        "phantom": lambda: load(ROOT / "sample_data" / "phantom_000" / "image.nii.gz"),
+    }
+
+
 def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]:
     """Every case of the module's docstring, its mask cached in ``out/masks``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +135,6 @@ def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]
     from medseg.inference import DEFAULT_MODEL
     from medseg.models import load_model
     from medseg.segment import segment
-    from medseg.train.realct import load_real_ct
     from medseg.train.robustness import (
         LESION_COPIES,
         _consistency_volumes,
@@ -134,15 +149,7 @@ def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]
     def seg(vol: CTVolume, model: str = "shipped") -> np.ndarray:
         return np.asarray(segment(vol, model=models[model]).labels.array)
 
-    studies: dict[str, Callable[[], CTVolume]] = {
-        "philips-141": lambda: load(shared / "chest-ct-philips-141"),
-        "lidc": lambda: load_real_ct(shared, "lidc-idri-0001", cache),
-        "lungfcp": lambda: load_real_ct(shared, "lungfcp-01-0001", cache),
-        "rider": lambda: load_real_ct(shared, "rider-pilot-0117", cache),
-        "cip-ct64": lambda: load(shared / "cip-ct64" / "ct-64Dicom"),
-        "totalseg": lambda: load(shared / "totalseg-example" / "example_ct.nii.gz"),
-        "phantom": lambda: load(ROOT / "sample_data" / "phantom_000" / "image.nii.gz"),
-    }
+    studies = shared_studies(shared, cache)
     cases: list[Case] = []
     vols: dict[str, CTVolume] = {}
     for name, make in studies.items():
