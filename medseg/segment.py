@@ -286,7 +286,8 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
     volume = load(input_path, series=series)
     ref = load(reference) if reference is not None else None
     t_load = time.perf_counter() - t0
-    if dicom_outputs and volume.metadata.source_format == "dicom":
+    with_seg = dicom_outputs and volume.metadata.source_format == "dicom"
+    if with_seg:
         from medseg.io.dicom_seg import warm_up_in_background
 
         warm_up_in_background()  # the SEG writer's tables load while the network runs
@@ -301,7 +302,6 @@ def _segment_into(input_path: str | Path, staging: Path, *, series: str | None,
 
     from medseg.quantify import quantify
 
-    with_seg = dicom_outputs and volume.metadata.source_format == "dicom"
     dicom_files: dict[str, str] = {}
     dicom_data: dict[str, bytes] = {}
     dicom_timings: dict[str, float] = {}
