@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--method", choices=["unet", "threshold"], default="unet")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
-    medseg = [sys.executable, "-m", "medseg.cli"]
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.segment_before_after import medseg_command
+
+    medseg = medseg_command()
 
     from medseg.synth import write_phantom_study
 

@@ -5,8 +5,9 @@ Usage:
                                               [--method unet|threshold] [--info]
 
 The earlier commit is checked out into a temporary ``git worktree``; each tree runs
-``python -m medseg.cli segment INPUT -o OUT`` as a user types it (cold: imports, model
-loading, reading, segmentation, postprocessing, report, DICOM SEG and SR), alternating
+``medseg segment INPUT -o OUT`` as a user types it (the console script beside this Python;
+cold: imports, model loading, reading, segmentation, postprocessing, report, DICOM SEG and
+SR), alternating
 between the trees so that load on the machine hits both alike. Prints each run, the medians
 and the ratio. Default input: ../shared/data/chest-ct-philips-141; default base: the last
 commit before lung2d-v2 (adcdefd). ``--method threshold`` times ``segment --method
@@ -40,12 +41,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def medseg_command() -> list[str]:
+    """The ``medseg`` command as a user runs it: the console script installed beside this
+    Python (its exit costs what a user's does: ``python -m medseg.cli`` ended 0.9 s sooner
+    before medseg froze its heap at exit, docs/benchmarks.md), else ``python -m medseg.cli``.
+    The script imports medseg from ``PYTHONPATH`` first, so a ``--base`` tree runs its own."""
+    script = Path(sys.executable).with_name("medseg")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "medseg.cli"]
+
+
 def run(tree: Path, src: Path, out: Path, method: str = "unet", info: bool = False) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = ["info", str(src)] if info else ["segment", str(src), "-o", str(out), "--method",
                                            method]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "medseg.cli", *cmd], check=True, env=env, cwd=tree,
+    subprocess.run([*medseg_command(), *cmd], check=True, env=env, cwd=tree,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 

@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # appended: medseg itself still comes from PYTHONPATH first
+from benchmarks.segment_before_after import medseg_command  # noqa: E402
+
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -62,6 +65,7 @@ def run_medseg(src: Path, out: Path, threads: int | None, model_name: str,
 
     _alloc.tune()  # as the medseg command does (lungmask, run later in this process, gains too)
     model = load_model(model_name)
+    _alloc.freeze_heap()  # as a batch worker does once its model is loaded
     if warm_up:  # a worker's steady state: one study done before the timed one
         segment_study(src, out.with_name(out.name + "_warm_up"), threads=threads, model=model)
     t0 = time.perf_counter()
@@ -71,8 +75,7 @@ def run_medseg(src: Path, out: Path, threads: int | None, model_name: str,
 
 def run_medseg_cli(src: Path, out: Path, threads: int | None, model_name: str) -> float:
     """Cold: the wall time of the command a user types, Python start-up and imports included."""
-    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q",
-           "--model", model_name]
+    cmd = [*medseg_command(), "segment", str(src), "-o", str(out), "-q", "--model", model_name]
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
@@ -119,8 +122,7 @@ def run_lungmask(src: Path, out: Path, threads: int | None, warm_up: bool = Fals
 def peak_memory(src: Path, out: Path, model_name: str) -> float:
     """Maximum RSS (GiB) of a child process running ``medseg segment``, from that child's
     own resource usage (``os.wait4``), not the maximum over every child of this process."""
-    cmd = [sys.executable, "-m", "medseg.cli", "segment", str(src), "-o", str(out), "-q",
-           "--model", model_name]
+    cmd = [*medseg_command(), "segment", str(src), "-o", str(out), "-q", "--model", model_name]
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -39,6 +39,9 @@ def measure(src: Path, runs: int, model_name: str | None = None) -> dict[str, fl
 
     _alloc.tune()
     model = load_model(model_name) if model_name else load_model()
+    freeze = getattr(_alloc, "freeze_heap", None)  # (a --base tree may predate it)
+    if freeze is not None:
+        freeze()  # as a batch worker does once its model is loaded
     per: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs + 1):

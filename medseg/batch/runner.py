@@ -216,6 +216,7 @@ def worker_model(name: str) -> Any:
 
             _alloc.tune()  # a worker process runs many studies: reuse freed memory
             model = load_model(name)
+            _alloc.freeze_heap()  # the libraries and the model: no collection walks them
             _MODELS[name] = model
             _MODEL_LOADS += 1
     return model
