@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from medseg.inference.postprocess import bounding_box
+from medseg.inference.postprocess import bounding_box, per_lung
 from medseg.volume import canonical_view
 
 if TYPE_CHECKING:
@@ -192,12 +192,16 @@ def add_enclosed_tissue(kept: dict[int, npt.NDArray[np.bool_]], hu: npt.NDArray[
     for m in kept.values():
         any_lung |= m
     h, anyl = view(hu), view(any_lung)
-    found: dict[int, tuple[tuple[slice, ...], npt.NDArray[np.bool_]]] = {}
-    for lab, mask in kept.items():
-        m = view(mask)
-        box = bounding_box(m, margin=0)
-        if box is not None:
-            found[lab] = (box, _enclosed_in(m[box], anyl[box], h[box], sp))
+    views = {lab: view(mask) for lab, mask in kept.items()}
+    todo = [(lab, m, box) for lab, m in views.items()
+            if (box := bounding_box(m, margin=0)) is not None]
+
+    def enclosed(item: tuple[int, Any, tuple[slice, ...]]) -> npt.NDArray[np.bool_]:
+        _, m, box = item
+        return _enclosed_in(m[box], anyl[box], h[box], sp)
+
+    found = {lab: (box, f) for (lab, _, box), f in zip(todo, per_lung(enclosed, todo),
+                                                        strict=True)}
     claims = np.zeros(h.shape, np.uint8)
     for box, f in found.values():
         claims[box] += f
