@@ -15,7 +15,10 @@ Cases (every one built from ``../shared/data`` at run time, deterministic):
   the three LIDC lesion copies (consolidation and masses partly left out) and on the
   base-40 % crop; lung2d-v1 on the lesion copies and on the left hemithorax (55 % labelled
   right); lung2d-v2 on the abdominal CT with the postprocessing before rule 2's skin test
-  (air under the mattress cover labelled right lung);
+  (air under the mattress cover labelled right lung); and the shipped model's own suite
+  failures: each of the suite's LIDC lesion and effusion copies
+  (``medseg.train.robustness``) where its mask misses a target (consolidation or masses
+  under 95 % inside, an effusion over 5 % labelled lung);
 * **damaged** (a correct mask deliberately broken: should be ``review``): right lung
   removed, left lung removed, sides swapped, mask shifted 10 mm to the patient's left and
   10 mm anteriorly, gas below the lungs added as lung, each inserted 50 mm mass cut out.
@@ -209,6 +212,22 @@ def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]
                         lambda vol=vol, model=model: seg(vol, model))
             cases.append((f"lidc+lesions {c + 1} ({model})", "failure", vol, m))
 
+    # the shipped model's own robustness-suite failures: the suite's LIDC lesion and effusion
+    # copies (medseg.train.robustness: its reference, lesions and seeds); a copy where the
+    # model misses one of the suite's targets is a failure case
+    from medseg.train.realct import derive_lung_labels
+    from medseg.train.robustness import LABEL_MODEL, effusion_copies, lesion_copies
+
+    ref, _ = derive_lung_labels(lidc, LABEL_MODEL)
+    for cp in [*lesion_copies(lidc, ref), *effusion_copies(lidc, ref)]:
+        what = "effusion" if cp.inserted and cp.inserted[0][0] == "effusion" else "lesions"
+        m = _cached(out, f"lidc-suite-{what}-{cp.index + 1}-{tag}",
+                    lambda v=cp.volume: seg(v))
+        missed = suite_misses(cp.inserted, m)
+        if missed:
+            cases.append((f"lidc+{what} {cp.index + 1} ({tag}: {missed})", "failure",
+                          cp.volume, m))
+
     # damaged masks of the clean chest studies
     for name in ("philips-141", "lidc", "lungfcp", "rider", "cip-ct64", "phantom"):
         vol = vols[name]
@@ -251,6 +270,29 @@ def build_cases(shared: Path, out: Path, model: str | None = None) -> list[Case]
             cases.append((f"{name} + 50 mm mass ({anchor}): cut out", "damaged", lvol, d))
 
     return cases
+
+
+def suite_misses(inserted: list[tuple[str, str, np.ndarray, np.ndarray]], mask: np.ndarray
+                 ) -> str:
+    """Which of the robustness suite's targets a mask of a lesion or effusion copy misses
+    (``inserted``: the copy's (kind, name, mask on the volume's grid, canonical mask)):
+    consolidation or mass voxels under 95 % inside the lung (per kind, over the copy), an
+    effusion over 5 % labelled lung; "" when none."""
+    missed: list[str] = []
+    lung = mask > 0
+    for kind in ("consolidation", "mass"):
+        ms = [m for k, _, m, _ in inserted if k == kind]
+        n = sum(int(np.count_nonzero(m)) for m in ms)
+        if n:
+            pct = 100.0 * sum(int(np.count_nonzero(m & lung)) for m in ms) / n
+            if pct < 95.0:
+                missed.append(f"{kind} {pct:.0f} % inside")
+    for k, name, m, _ in inserted:
+        if k == "effusion":
+            pct = 100.0 * np.count_nonzero(m & lung) / max(1, np.count_nonzero(m))
+            if pct > 5.0:
+                missed.append(f"effusion {name} {pct:.0f} % labelled lung")
+    return ", ".join(missed)
 
 
 def _evaluate(cases: list[Case], out: Path, as_json: bool) -> int:
