@@ -110,11 +110,13 @@ def antialias_sigma(noise_hu: float, spacing_mm: tuple[float, float],
 
 
 def study_antialias(volume: CTVolume, oriented: MetaTensor,
-                    target_mm: float = MODEL_PIXEL_SPACING_MM) -> tuple[float, tuple[float, float]]:
-    """The pixel noise (HU, :func:`pixel_noise_hu`) of ``volume`` and the in-plane sigma
-    (:func:`antialias_sigma`) for its oriented form ``oriented`` (``(1, I, J, K)``, the
-    in-plane spacing read from its affine): the one decision inference and training share."""
-    noise = pixel_noise_hu(volume.array, volume.axial_axis())
+                    target_mm: float = MODEL_PIXEL_SPACING_MM, noise_hu: float | None = None
+                    ) -> tuple[float, tuple[float, float]]:
+    """The pixel noise (HU, :func:`pixel_noise_hu`) of ``volume`` (or ``noise_hu``, given)
+    and the in-plane sigma (:func:`antialias_sigma`) for its oriented form ``oriented``
+    (``(1, I, J, K)``, the in-plane spacing read from its affine): the one decision inference
+    and training share."""
+    noise = pixel_noise_hu(volume.array, volume.axial_axis()) if noise_hu is None else noise_hu
     in_plane = np.linalg.norm(np.asarray(oriented.affine)[:3, :2], axis=0)
     return noise, antialias_sigma(noise, (float(in_plane[0]), float(in_plane[1])), target_mm)
 

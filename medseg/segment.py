@@ -143,8 +143,14 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
     if method is Method.THRESHOLD:
         labels = threshold_labels(volume)
     else:
-        from medseg.inference.unet import InferenceSettings, unet_labels
+        from medseg.inference.unet import (
+            InferenceSettings,
+            slices_interpolated,
+            thick_slice_factor,
+            unet_labels,
+        )
         from medseg.models import load_model
+        from medseg.preprocess import pixel_noise_hu
 
         loaded = model if model is not None and not isinstance(model, (str, Path)) \
             else load_model(model or DEFAULT_MODEL)
@@ -152,16 +158,27 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
 
         settings = InferenceSettings(batch_size=batch_size, threads=threads,
                                      device=resolve_device(device))
-        raw = unet_labels(volume, loaded, settings, progress=progress)
+        # thick slices: the network and the postprocessing work on the study with slices
+        # interpolated between its own (the network's context nearer, as in training); the
+        # labels are those of the study's own slices, on its exact grid
+        axis = volume.axial_axis()
+        factor = thick_slice_factor(float(volume.spacing[2 - axis]), loaded.spec) \
+            if loaded.spec.view == "axial" else 1
+        settings.context_factor = factor
+        work = volume if factor == 1 else slices_interpolated(volume, axis, factor)
+        raw = unet_labels(work, loaded, settings, progress=progress,
+                          noise_hu=None if factor == 1 else pixel_noise_hu(volume.array, axis))
         timings.update({k: round(v, 3) for k, v in settings.timings.items()})
         t1 = time.perf_counter()
         added: dict[int, int] = {}
         edge_added: dict[int, int] = {}
-        labels = postprocess_labels(raw, volume.axial_axis(), hu=volume.array,
-                                    geometry=volume.geometry, added=added,
-                                    edge_added=edge_added)
+        labels = postprocess_labels(raw, axis, hu=work.array, geometry=work.geometry,
+                                    added=added, edge_added=edge_added)
+        if factor > 1:
+            labels = np.ascontiguousarray(
+                np.take(labels, np.arange(0, labels.shape[axis], factor), axis=axis))
         timings["postprocess_s"] = round(time.perf_counter() - t1, 3)
-        vml = volume.voxel_volume_ml()
+        vml = work.voxel_volume_ml()
         post = {key: {"right": round(counts.get(LABEL_RIGHT, 0) * vml, 1),
                       "left": round(counts.get(LABEL_LEFT, 0) * vml, 1)}
                 for key, counts in (("enclosed_tissue_ml", added),
@@ -170,7 +187,8 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                       "architecture": loaded.spec.to_dict(), "device": settings.device,
                       "precision": settings.precision,
                       "input_noise_hu": settings.input_noise_hu,
-                      "antialias_sigma_px": list(settings.antialias_sigma_px)}
+                      "antialias_sigma_px": list(settings.antialias_sigma_px),
+                      "context_factor": factor}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)
     meta = volume.metadata.copy()
     meta.warnings = []

@@ -256,6 +256,8 @@ def test_one_lung_absent_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
     net[(c.truth == 1) & (c.x < c.mid_x - 95)] = 2
     fake: Callable[..., np.ndarray] = lambda *a, **k: net  # noqa: E731
     monkeypatch.setattr(unet, "unet_labels", fake)
+    # the fake network's labels are on the chest's own slices (5 mm): no interpolated ones
+    monkeypatch.setattr(unet, "thick_slice_factor", lambda *a: 1)
     res = segment(CTVolume(c.hu, c.geometry), model=unet.random_model())
     np.testing.assert_array_equal(res.labels.array, c.truth)
     assert any(w.startswith("only the right lung found") for w in res.warnings), res.warnings
