@@ -21,7 +21,7 @@ import torch
 from medseg._monai import Invertd, MetaTensor, SliceInferer
 from medseg.errors import ConfigError
 from medseg.inference import DEFAULT_BATCH_SIZE, SLAB_SLICES
-from medseg.models import LoadedModel
+from medseg.models import LoadedModel, ModelSpec
 from medseg.preprocess import (
     orientation_transform,
     slab_as_2d,
@@ -215,11 +215,12 @@ def _second_view(model: LoadedModel, second: LoadedModel, p_axial: torch.Tensor,
 #: the study's own: a network that sees the adjacent slices was trained on studies of 0.8-4
 #: mm (most 1-2.5 mm), and on 5 mm slices (LIDC-IDRI-0001 averaged in pairs, the robustness
 #: suite) its context 5 mm away cost Dice: 0.977 against the clean mask, 0.982 with context
-#: 2.5 mm away (slices interpolated between each pair), 0.980 with 1.7 mm (docs/benchmarks.md).
+#: 2.5 mm away (slices interpolated between each pair), 0.980 with 1.7 mm; at 3 mm (the
+#: abdominal CT) one interpolated slice did not help (docs/model-card.md, "Thick slices").
 CONTEXT_TARGET_MM = 2.5
 
 
-def thick_slice_factor(slice_mm: float, spec: Any) -> int:
+def thick_slice_factor(slice_mm: float, spec: ModelSpec) -> int:
     """How many slices per original slice the network's stack gets (1: the study's own
     slices): ``round(slice_mm / CONTEXT_TARGET_MM)`` for a model whose context is the
     adjacent slices, 1 for one whose context is a distance in mm."""
