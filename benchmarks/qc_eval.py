@@ -278,6 +278,8 @@ def suite_misses(inserted: list[tuple[str, str, np.ndarray, np.ndarray]], mask: 
     (``inserted``: the copy's (kind, name, mask on the volume's grid, canonical mask)):
     consolidation or mass voxels under 95 % inside the lung (per kind, over the copy), an
     effusion over 5 % labelled lung; "" when none."""
+    from medseg.train.robustness import EFFUSION_IN_LUNG_MAX_PCT, LESION_INSIDE_MIN_PCT
+
     missed: list[str] = []
     lung = mask > 0
     for kind in ("consolidation", "mass"):
@@ -285,12 +287,12 @@ def suite_misses(inserted: list[tuple[str, str, np.ndarray, np.ndarray]], mask: 
         n = sum(int(np.count_nonzero(m)) for m in ms)
         if n:
             pct = 100.0 * sum(int(np.count_nonzero(m & lung)) for m in ms) / n
-            if pct < 95.0:
+            if pct < LESION_INSIDE_MIN_PCT:
                 missed.append(f"{kind} {pct:.0f} % inside")
     for k, name, m, _ in inserted:
         if k == "effusion":
             pct = 100.0 * np.count_nonzero(m & lung) / max(1, np.count_nonzero(m))
-            if pct > 5.0:
+            if pct > EFFUSION_IN_LUNG_MAX_PCT:
                 missed.append(f"effusion {name} {pct:.0f} % labelled lung")
     return ", ".join(missed)
 

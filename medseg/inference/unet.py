@@ -30,7 +30,7 @@ from medseg.preprocess import (
     study_antialias,
     to_metatensor,
 )
-from medseg.volume import CTVolume
+from medseg.volume import CTVolume, Geometry
 
 __all__ = ["CONTEXT_TARGET_MM", "InferenceSettings", "slices_interpolated", "thick_slice_factor",
            "unet_labels"]
@@ -233,8 +233,6 @@ def slices_interpolated(volume: CTVolume, axis: int, factor: int) -> CTVolume:
     """``volume`` with ``factor - 1`` slices interpolated linearly between each pair along
     array ``axis`` (its first slice, direction and in-plane grid unchanged): slice ``k`` of
     the original is slice ``k * factor`` of the result."""
-    from medseg.volume import Geometry
-
     arr = np.moveaxis(volume.array, axis, 0)
     n = arr.shape[0]
     pos = np.arange((n - 1) * factor + 1) / factor

@@ -46,7 +46,8 @@ from medseg.train.lesions import from_canonical, insert_effusion, insert_lesion,
 from medseg.train.realct import IGNORE
 from medseg.volume import CTVolume, Geometry
 
-__all__ = ["NoduleRoi", "PathologyCopy", "RobustnessRow", "crop_volume", "effusion_copies",
+__all__ = ["EFFUSION_IN_LUNG_MAX_PCT", "LESION_INSIDE_MIN_PCT", "NoduleRoi", "PathologyCopy",
+           "RobustnessRow", "crop_volume", "effusion_copies",
            "hemithorax_crop", "lateral_crop", "lesion_copies", "missed_without_lung_below",
            "nodule_mask", "parse_lidc_xml", "rows_markdown", "run_robustness", "slab_crop",
            "totalseg_reference"]
@@ -64,6 +65,10 @@ LESION_COPIES: tuple[tuple[tuple[str, str, int, float], ...], ...] = (
 EFFUSION_COPIES: tuple[tuple[tuple[int, float], ...], ...] = (((1, 15.0), (2, 35.0)),
                                                                ((1, 35.0), (2, 15.0)))
 SEED = 12
+#: Targets shared with ``benchmarks/qc_eval.py`` (which copies miss them): consolidation and
+#: masses at least this % inside the lung, an effusion at most this % labelled lung.
+LESION_INSIDE_MIN_PCT = 95.0
+EFFUSION_IN_LUNG_MAX_PCT = 5.0
 SIDE = {1: "right", 2: "left"}
 
 
@@ -584,7 +589,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
             continue
         inside, total = per_kind[kind]
         pct = 100.0 * inside / max(1, total)
-        target: tuple[str | None, float | None] = (">=", 95.0) \
+        target: tuple[str | None, float | None] = (">=", LESION_INSIDE_MIN_PCT) \
             if kind in ("consolidation", "mass") else (None, None)
         rows.append(_row("lidc+lesions", f"% {kind} voxels in lung ({total} vox)", pct,
                          *target))
@@ -598,7 +603,7 @@ def run_robustness(shared_data: str | Path, *, model: Any = None,
         pred = seg(vol)
         for name, m in masks:
             rows.append(_row(f"lidc+effusion {c + 1}", f"% effusion {name} labelled lung",
-                             _pct_inside(m, pred), "<=", 5.0))
+                             _pct_inside(m, pred), "<=", EFFUSION_IN_LUNG_MAX_PCT))
         d = _side_dice(pred, ref_e)
         rows.append(_row(f"lidc+effusion {c + 1}", "Dice min(R,L) vs ref without fluid",
                          min(d.values()), ">=", 0.97))
