@@ -166,7 +166,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         from medseg.models import load_model
 
         model = load_model(args.model or DEFAULT_MODEL)  # a wrong --model fails first
-        _alloc.freeze_heap()  # torch and MONAI's objects: no collection walks them again
+        if args.own_process:  # torch and MONAI's objects: no collection walks them again
+            _alloc.freeze_heap()
     progress = _Progress("segmenting", not args.quiet)
     try:
         result = segment_study(args.input, args.out_dir, series=args.series,
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the process's own command line (not a caller's main(argv)): the process ends after it,
+    # so its heap may be frozen (medseg._alloc.freeze_heap); a caller keeps its collector
+    args.own_process = argv is None
     from medseg import _alloc
 
     _alloc.tune()
@@ -656,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if argv is None:  # the process's own command line: the process ends next
+        if args.own_process:
             _alloc.freeze_heap()  # its exit need not walk torch's objects (0.9 s)
 
 

@@ -97,13 +97,15 @@ print(json.dumps({"code": code, "frozen": gc.get_freeze_count()}))
 """
 
 
+@pytest.mark.parametrize("method", ["threshold", "unet"])
 @pytest.mark.parametrize("own", [True, False])
-def test_command_freezes_the_heap_before_exit(tmp_path: Path, own: bool) -> None:
-    """As the process's own command (argv None) the command freezes what is alive before the
-    interpreter's exit, which would otherwise walk every object torch and MONAI made (0.9 s
-    of 6.6 s on chest-ct-philips-141, medseg._alloc); a caller's main(argv) keeps its heap."""
+def test_command_freezes_the_heap_before_exit(tmp_path: Path, own: bool, method: str) -> None:
+    """As the process's own command (argv None) the command freezes what is alive after the
+    model load and before the interpreter's exit, which would otherwise walk every object
+    torch and MONAI made (0.9 s of 6.6 s on chest-ct-philips-141, medseg._alloc); a caller's
+    main(argv) keeps its heap, with or without the network."""
     args = ["segment", "sample_data/phantom_000/dicom", "-o", str(tmp_path / "out"),
-            "--method", "threshold", "-q", "--no-report"]
+            "--method", method, "-q", "--no-report"]
     out = subprocess.run([sys.executable, "-c", _FREEZE_PROBE, "own" if own else "lib", *args],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
