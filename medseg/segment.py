@@ -125,11 +125,13 @@ def check_input(volume: CTVolume) -> list[str]:
 def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any = None,
             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
             progress: Callable[[int, int], None] | None = None,
-            qc: bool = True, device: str = "cpu") -> Segmentation:
+            qc: bool = True, device: str = "cpu", upright: bool = True) -> Segmentation:
     """Segment the lungs of ``volume``; labels come back on its exact grid. With ``qc``
     (default) the mask's quality verdict (:func:`medseg.qc.quality_check`) is in
     ``.qc``. ``device``: ``cpu`` (default), ``auto``, ``cuda`` or ``cuda:N`` for the
-    network (:mod:`medseg.inference.device`)."""
+    network (:mod:`medseg.inference.device`). ``upright``: a tilted patient's slices are
+    turned upright for the network (:mod:`medseg.inference.pose`); False runs them as
+    stored."""
     try:
         method = Method(method)
     except ValueError as exc:
@@ -157,7 +159,7 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         from medseg.inference.device import resolve_device
 
         settings = InferenceSettings(batch_size=batch_size, threads=threads,
-                                     device=resolve_device(device))
+                                     device=resolve_device(device), upright=upright)
         # thick slices: the network and the postprocessing work on the study with slices
         # interpolated between its own (the network's context nearer, as in training); the
         # labels are those of the study's own slices, on its exact grid
@@ -188,7 +190,8 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
                       "precision": settings.precision,
                       "input_noise_hu": settings.input_noise_hu,
                       "antialias_sigma_px": list(settings.antialias_sigma_px),
-                      "context_factor": factor}
+                      "context_factor": factor,
+                      "tilt_deg": settings.tilt_deg, "upright_turn_deg": settings.turn_deg}
     timings["segment_s"] = round(time.perf_counter() - t0, 3)
     meta = volume.metadata.copy()
     meta.warnings = []

@@ -70,6 +70,13 @@ class InferenceSettings:
     #: Filled by :func:`unet_labels` for a two-view model: the coronal slices its second
     #: network ran on (:func:`medseg.inference.unet._second_view`).
     second_view_slices: int | None = None
+    #: Turn a tilted patient's slices upright for the network (:mod:`medseg.inference.pose`);
+    #: False runs the slices as stored.
+    upright: bool = True
+    #: Filled by :func:`unet_labels`: the patient's measured tilt (deg; None where it could
+    #: not be measured) and the turn the network's slices got (0: as stored).
+    tilt_deg: float | None = None
+    turn_deg: float = 0.0
 
 
 def _argmax3(p_right: torch.Tensor, p_left: torch.Tensor) -> torch.Tensor:
@@ -147,6 +154,36 @@ def _with_precision(model: LoadedModel, network: torch.nn.Module, device: str,
         model.run_networks[key] = _ChannelsLast(net, torch.device(device).type,
                                                 precision == "bf16").eval()
     return model.run_networks[key]
+
+
+def _upright(x: torch.Tensor, turn: float, roi: int, reach_px: float
+             ) -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
+    """Prepared slices ``x`` (n, I', J') padded (0 = air) to a square frame of at least
+    ``roi`` and turned by ``turn`` deg (:func:`medseg.inference.pose.turn_slices`), and
+    where the slices lie in that frame (I' offset, I', J' offset, J') for
+    :func:`_turned_back`. ``x`` unchanged and None when the turned body, reaching
+    ``reach_px`` from the centre along either axis, would leave the frame."""
+    from medseg.inference.pose import turn_slices
+
+    _, i, j = x.shape
+    side = max(roi, i, j)
+    if reach_px > side / 2:
+        return x, None
+    di, dj = side - i, side - j
+    sq = torch.nn.functional.pad(x, (dj // 2, dj - dj // 2, di // 2, di - di // 2))
+    return turn_slices(sq[:, None], turn)[:, 0], (di // 2, i, dj // 2, j)
+
+
+def _turned_back(probs: torch.Tensor, turn: float, frame: tuple[int, int, int, int] | None
+                 ) -> torch.Tensor:
+    """Probabilities (2, S, S, n) of turned slices back on the prepared slices' grid
+    (2, I', J', n)."""
+    from medseg.inference.pose import turn_slices
+
+    assert frame is not None
+    i0, i, j0, j = frame
+    back = turn_slices(probs.permute(3, 0, 1, 2), -turn)  # (n, 2, S, S)
+    return back.permute(1, 2, 3, 0)[:, i0:i0 + i, j0:j0 + j].contiguous()
 
 
 def _grid_of(img: MetaTensor) -> MetaTensor:
@@ -294,6 +331,17 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
                            sw_batch_size=settings.batch_size, spatial_dim=2,
                            overlap=settings.overlap, mode=settings.blend_mode,
                            padding_mode="constant", cval=0.0, progress=False, **on_gpu)
+    turn, reach_px = 0.0, 0.0
+    frame: tuple[int, int, int, int] | None = None
+    settings.tilt_deg, settings.turn_deg = None, 0.0
+    if settings.upright:
+        from medseg.inference.pose import body_tilt
+
+        spacing = np.linalg.norm(np.asarray(oriented.affine)[:3, :3], axis=0)
+        pose = body_tilt(oriented.as_tensor()[0], (float(spacing[0]), float(spacing[1]),
+                                                   float(spacing[2])))
+        settings.tilt_deg, turn = pose.tilt_deg, pose.turn_deg
+        reach_px = pose.reach_mm / spec.pixel_spacing_mm
     settings.timings["orient_s"] = time.perf_counter() - t0
     second, refiner = model.second, model.refiner
     # a two-view or refined model keeps the axial probabilities and the prepared stack on
@@ -327,6 +375,10 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
                 stack = torch.zeros((n_slices, *x.shape[1:]), dtype=torch.float32)
                 p_axial = torch.zeros((2, *stack.shape), dtype=torch.float32)
             stack[k0:k1] = x[k0 - lo:k1 - lo]
+        if turn:
+            x, frame = _upright(x, turn, spec.roi_size, reach_px)
+            if frame is None:  # the turned body would leave the frame: as stored
+                turn = 0.0
         # replicate edge slices so every core slice has its neighbours
         pad_lo, pad_hi = reach - (k0 - lo), reach - (hi - k1)
         if pad_lo or pad_hi:
@@ -343,6 +395,8 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
         # Lung channels only: bilinear inversion is linear, so the background probability
         # on the source grid is exactly 1 - p_right - p_left; a third of the work saved.
         probs = torch.softmax(logits[0], dim=0)[1:]  # (2, I', J', n_core)
+        if turn:
+            probs = _turned_back(probs, turn, frame)
         tc = time.perf_counter()
         if not keep:
             labels_oriented[..., k0:k1] = _invert_argmax(invert, probs.permute(0, 3, 1, 2),
@@ -380,6 +434,7 @@ def unet_labels(volume: CTVolume, model: LoadedModel, settings: InferenceSetting
             labels_oriented[..., k0:k1] = _invert_argmax(invert, fused[:, k0:k1], grid)
             report(0.9 + 0.1 * k1 / n_slices)
         t_inv += time.perf_counter() - td
+    settings.turn_deg = turn
     t1 = time.perf_counter()
     lab = MetaTensor(labels_oriented[None], applied_operations=oriented.applied_operations)
     lab.meta = oriented.meta
