@@ -118,3 +118,17 @@ def test_a_tilted_study_is_segmented_upright_on_its_own_grid(model) -> None:  # 
     got = np.asarray(res.labels.array)
     for side in (1, 2):
         assert dice(got == side, expect == side) > 0.98
+
+
+def test_a_turned_study_stored_in_reverse_gets_the_same_labels(model) -> None:  # type: ignore[no-untyped-def]
+    from medseg.train.robustness import _consistency_volumes
+
+    vol = medseg.load(PHANTOM)
+    tilted = vol.with_array(_turned(vol, 15.0))
+    ax = tilted.axial_axis()
+    reverse = _consistency_volumes(tilted, np.random.default_rng(0))["reversed storage"]
+    a = segment(tilted, model=model, qc=False)
+    b = segment(reverse, model=model, qc=False)
+    assert a.model is not None and b.model is not None
+    assert a.model["upright_turn_deg"] == b.model["upright_turn_deg"] != 0.0
+    assert np.array_equal(np.flip(np.asarray(b.labels.array), ax), np.asarray(a.labels.array))
