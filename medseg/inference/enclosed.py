@@ -51,9 +51,27 @@ GAS_CONTACT_FRACTION = 0.05
 MIN_PIECE_ML = 0.1
 #: Gas not labelled lung (HU below this) for that rule.
 GAS_HU = -800.0
+#: Air bronchograms: a gas pocket that no lung holds, of at most this volume (mL), whose
+#: face neighbours are at least BRONCHOGRAM_SHELL of them soft tissue the lung closes
+#: around or that lung, and at least BRONCHOGRAM_TISSUE of them that tissue, is an airway
+#: running through consolidated lung. Soft tissue holding one needs the lung over it *or*
+#: under it, not both: consolidation on the aortic arch or in the lowest recess.
+BRONCHOGRAM_MAX_ML = 0.3
+#: ... and of at least this volume (mL) and BRONCHOGRAM_MIN_VOXELS voxels: a noisy voxel of
+#: soft tissue below the gas threshold is not an airway.
+BRONCHOGRAM_MIN_ML = 0.01
+BRONCHOGRAM_MIN_VOXELS = 3
+BRONCHOGRAM_SHELL = 0.9
+BRONCHOGRAM_TISSUE = 0.45
+#: ... and lie within this distance (mm) of that lung in their own slice.
+BRONCHOGRAM_LUNG_MM = 10.0
+#: Pockets are looked for in the new tissue's box grown by this (mm).
+BRONCHOGRAM_BOX_MM = 20.0
 #: The closing is computed on a grid of about this step (mm); the result is interpolated
 #: back to every voxel, so the step costs well under a second on a 512 x 512 study.
 GRID_MM = 3.0
+#: Switch for the air-bronchogram rule (prototype).
+BRONCHOGRAMS = True
 
 
 def _reach_both_ways(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool_]:
@@ -70,6 +88,20 @@ def _reach_both_ways(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool
     return np.asarray((nxt - idx <= k) & (idx - prv <= k))
 
 
+def _reach_either_way(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool_]:
+    """True where ``mask`` holds a voxel at most ``k`` steps before *or* after along axis 0
+    (the voxel itself excluded)."""
+    n = mask.shape[0]
+    idx = np.arange(n).reshape(-1, 1, 1)
+    far = 10 * n + 10 * k + 10
+    edge = np.full((1, *mask.shape[1:]), far)
+    nxt = np.minimum.accumulate(np.where(mask, idx, far)[::-1], axis=0)[::-1]
+    nxt = np.concatenate([nxt[1:], edge], axis=0)
+    prv = np.maximum.accumulate(np.where(mask, idx, -far), axis=0)
+    prv = np.concatenate([-edge, prv[:-1]], axis=0)
+    return np.asarray((nxt - idx <= k) | (idx - prv <= k))
+
+
 def _shifted(pts: tuple[npt.NDArray[np.intp], ...], axis: int, d: int,
              shape: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], ...]:
     """Voxel indices ``pts`` moved by ``d`` along ``axis`` (clipped at the array's edge)."""
@@ -77,11 +109,12 @@ def _shifted(pts: tuple[npt.NDArray[np.intp], ...], axis: int, d: int,
                  for a, (q, n) in enumerate(zip(pts, shape, strict=True)))
 
 
-def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
-                 hu: npt.NDArray[Any], spacing: tuple[float, float, float]
-                 ) -> npt.NDArray[np.bool_]:
-    """The enclosed soft tissue of one lung (arrays with the axial axis first, cut to the
-    lung's bounding box)."""
+def _candidates(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
+                hu: npt.NDArray[Any], spacing: tuple[float, float, float],
+                modes: tuple[bool, ...] = (True,)) -> list[tuple[npt.NDArray[np.intp], ...]]:
+    """For each of ``modes``: the soft-tissue voxels (indices) inside one lung's closing with
+    that lung within :data:`Z_REACH_MM` above and below it (True), or above or below it
+    but not both (False). The closing is computed once for all."""
     step = [max(1, round(GRID_MM / s)) for s in spacing]
     grid = [s * t for s, t in zip(spacing, step, strict=True)]
     off = [t // 2 for t in step]
@@ -93,12 +126,27 @@ def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     # inside the liver's dome must not vouch for the liver above it)
     solid = ndimage.binary_opening(coarse, ndimage.generate_binary_structure(3, 1),
                                    iterations=OPEN_STEPS)
-    reach = _reach_both_ways(solid, int(np.ceil(Z_REACH_MM / grid[0])))
+    k = int(np.ceil(Z_REACH_MM / grid[0]))
+    inner = ~ndimage.binary_erosion(coarse)
+    return [_candidate_voxels(lung, any_lung, hu, closed_depth, inner,
+                              _reach_both_ways(solid, k) if both else
+                              _reach_either_way(solid, k) & ~_reach_both_ways(solid, k),
+                              step, grid, off)
+            for both in modes]
+
+
+def _candidate_voxels(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
+                      hu: npt.NDArray[Any], closed_depth: npt.NDArray[np.float64],
+                      inner: npt.NDArray[np.bool_], reach: npt.NDArray[np.bool_],
+                      step: list[int], grid: list[float], off: list[int]
+                      ) -> tuple[npt.NDArray[np.intp], ...]:
+    """:func:`_candidates` for one reach."""
+    coarse_shape = closed_depth.shape
     # cells that may hold enclosed tissue: near the closing's inside, lung over and under,
     # not deep inside the lung (its holes are filled later anyway)
-    near = (closed_depth > CLOSE_MM - max(grid)) & reach & ~ndimage.binary_erosion(coarse)
+    near = (closed_depth > CLOSE_MM - max(grid)) & reach & inner
     if not near.any():
-        return np.zeros(lung.shape, bool)
+        return tuple(np.zeros(0, np.intp) for _ in range(3))
     up = near
     for axis in range(3):
         up = np.repeat(up, step[axis], axis=axis)
@@ -126,31 +174,149 @@ def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     rim = ~sure & (depth > CLOSE_MM - max(grid))
     if rim.any() and sure.any():
         cells = tuple(np.minimum(p // t, n - 1)
-                      for p, t, n in zip(pts, step, coarse.shape, strict=True))
-        occupied = np.zeros(coarse.shape, bool)
+                      for p, t, n in zip(pts, step, coarse_shape, strict=True))
+        occupied = np.zeros(coarse_shape, bool)
         occupied[tuple(c[sure] for c in cells)] = True
         occupied = ndimage.binary_dilation(occupied, np.ones((3, 3, 3), bool))
         sure |= rim & occupied[cells]
     pts = tuple(p[sure] for p in pts)
-    found = np.zeros(lung.shape, bool)
-    if pts[0].size == 0:
-        return found
-    # next to gas that is no lung: any of the six face neighbours
+    return pts
+
+
+def _near_gas(pts: tuple[npt.NDArray[np.intp], ...], hu: npt.NDArray[Any],
+              any_lung: npt.NDArray[np.bool_], ignore: npt.NDArray[np.bool_] | None = None
+              ) -> npt.NDArray[np.bool_]:
+    """Which of the voxels ``pts`` have a face neighbour that is gas and no lung (and not in
+    ``ignore``)."""
     near_gas = np.zeros(pts[0].shape, bool)
     for axis in range(3):
         for d in (-1, 1):
-            nb = _shifted(pts, axis, d, lung.shape)
-            near_gas |= (hu[nb] < GAS_HU) & ~any_lung[nb]
+            nb = _shifted(pts, axis, d, hu.shape)
+            gas = (hu[nb] < GAS_HU) & ~any_lung[nb]
+            if ignore is not None:
+                gas &= ~ignore[nb]
+            near_gas |= gas
+    return near_gas
+
+
+def _pieces(pts: tuple[npt.NDArray[np.intp], ...], shape: tuple[int, ...],
+            near_gas: npt.NDArray[np.bool_], voxel_ml: float,
+            extra: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.bool_]:
+    """The connected pieces of the voxels ``pts`` that border gas on at most
+    :data:`GAS_CONTACT_FRACTION` of their voxels and hold at least :data:`MIN_PIECE_ML`
+    (and, with ``extra``, touch it)."""
+    found = np.zeros(shape, bool)
+    if pts[0].size == 0:
+        return found
     box = tuple(slice(int(p.min()), int(p.max()) + 1) for p in pts)
     found[pts] = True
     comp, n = ndimage.label(found[box])
     ids = comp[tuple(p - b.start for p, b in zip(pts, box, strict=True))]
     sizes = np.bincount(ids, minlength=n + 1)
     gas_n = np.bincount(ids[near_gas], minlength=n + 1)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     keep = (gas_n <= GAS_CONTACT_FRACTION * sizes) & (sizes * voxel_ml >= MIN_PIECE_ML)
+    if extra is not None:
+        grown = ndimage.binary_dilation(extra[box], ndimage.generate_binary_structure(3, 1),
+                                        iterations=3)
+        touching = np.zeros(n + 1, bool)
+        touching[np.unique(comp[grown & (comp > 0)])] = True
+        keep &= touching
     keep[0] = False
     found[box] = keep[comp]
+    return found
+
+
+def _bronchograms(tissue: npt.NDArray[np.bool_], new: npt.NDArray[np.bool_],
+                  lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
+                  hu: npt.NDArray[Any], spacing: tuple[float, float, float]
+                  ) -> npt.NDArray[np.bool_]:
+    """Gas pockets beside the tissue ``new`` that no lung holds, small
+    (:data:`BRONCHOGRAM_MIN_ML` to :data:`BRONCHOGRAM_MAX_ML`) and wrapped in ``tissue`` and
+    ``lung`` (:data:`BRONCHOGRAM_SHELL`, at least :data:`BRONCHOGRAM_TISSUE` of it
+    ``tissue``), with that lung within :data:`BRONCHOGRAM_LUNG_MM` in their slices: the
+    air bronchograms of consolidated lung (or the air of a small cavity)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    out = np.zeros(hu.shape, bool)
+    margin = [int(np.ceil(BRONCHOGRAM_BOX_MM / s)) for s in spacing]
+    box = bounding_box(new, margin=0)
+    if box is None:
+        return out
+    box = tuple(slice(max(0, q.start - m), q.stop + m) for q, m in zip(box, margin, strict=True))
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    gas = (hu[box] < GAS_HU) & ~any_lung[box]
+    comp, n = ndimage.label(gas)
+    if n == 0:
+        return out
+    # only the pieces of gas within three voxels (in the slice) of the new tissue
+    near = ndimage.binary_dilation(new[box], in_plane, iterations=3) & gas
+    wanted = np.zeros(n + 1, bool)
+    wanted[np.unique(comp[near])] = True
+    # gas running into the box's border is part of a larger piece (an airway, the lung's
+    # rim), whatever the box shows of it
+    for axis in range(3):
+        for end in (0, -1):
+            wanted[np.unique(np.take(comp, end, axis=axis))] = False
+    wanted[0] = False
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    wanted &= (sizes * voxel_ml <= BRONCHOGRAM_MAX_ML) & \
+        (sizes * voxel_ml >= BRONCHOGRAM_MIN_ML) & (sizes >= BRONCHOGRAM_MIN_VOXELS)
+    if not wanted.any():
+        return out
+    pts = np.nonzero(wanted[comp])
+    ids = comp[pts]
+    shape = gas.shape
+    # the tissue's 3 x 3 HU test leaves out the voxels beside the gas (their mean holds
+    # its air): a pocket's neighbours within two voxels in the slice of that tissue count
+    t = ndimage.binary_dilation(tissue[box], in_plane, iterations=2)
+    lg = lung[box]
+    wrapped = np.zeros(n + 1)
+    by_tissue = np.zeros(n + 1)
+    faces = np.zeros(n + 1)
+    for axis in range(3):
+        for d in (-1, 1):
+            nb = _shifted(pts, axis, d, shape)
+            edge = ~gas[nb]
+            faces += np.bincount(ids[edge], minlength=n + 1)
+            by_tissue += np.bincount(ids[edge & t[nb]], minlength=n + 1)
+            wrapped += np.bincount(ids[edge & (t[nb] | lg[nb])], minlength=n + 1)
+    ok = wanted & (faces > 0) & (wrapped >= BRONCHOGRAM_SHELL * np.maximum(faces, 1)) & \
+        (by_tissue >= BRONCHOGRAM_TISSUE * np.maximum(faces, 1))
+    # near the lung in its own slices (not gas under the dome, below the lung's slices)
+    reach_px = [int(np.ceil(BRONCHOGRAM_LUNG_MM / s)) for s in spacing[1:]]
+    objects = ndimage.find_objects(comp)
+    for i in np.flatnonzero(ok):
+        sl = objects[i - 1]
+        if sl is None:
+            ok[i] = False
+            continue
+        win = (sl[0], *(slice(max(0, q.start - r), q.stop + r)
+                        for q, r in zip(sl[1:], reach_px, strict=True)))
+        ok[i] = bool(lg[win].any())
+    out[box] = ok[comp]
+    return out
+
+
+def _enclosed_in(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
+                 hu: npt.NDArray[Any], spacing: tuple[float, float, float]
+                 ) -> npt.NDArray[np.bool_]:
+    """The enclosed soft tissue of one lung (arrays with the axial axis first, cut to the
+    lung's bounding box)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pts, *rest = _candidates(lung, any_lung, hu, spacing,
+                             (True, False) if BRONCHOGRAMS else (True,))
+    found = _pieces(pts, lung.shape, _near_gas(pts, hu, any_lung), voxel_ml)
+    if rest and rest[0][0].size:
+        # consolidation holding air bronchograms needs the lung over it or under it only
+        new = np.zeros(lung.shape, bool)
+        new[rest[0]] = True
+        tissue = new.copy()
+        tissue[pts] = True
+        air = _bronchograms(tissue, new, lung, any_lung, hu, spacing)
+        if air.any():
+            one = np.nonzero(tissue)
+            found |= _pieces(one, lung.shape, _near_gas(one, hu, any_lung, air), voxel_ml,
+                             extra=air)
     return found | _skin(found, lung, any_lung, hu)
 
 
