@@ -5,6 +5,8 @@ known answers (:class:`Chest`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -135,3 +137,57 @@ def test_same_answer_whatever_the_storage(perm: tuple[int, int, int],
     ref = c.run()
     np.testing.assert_array_equal(c.run_stored(perm, flips), ref)
 
+
+
+def _floor_consolidation(c: Chest, air: int) -> np.ndarray:
+    """A 30 mm consolidation (35 HU) filling the right lung's lowest, lateral corner: no
+    lung under it, so rule 4's over-and-under test alone leaves it out. ``air`` voxels of
+    an air bronchogram (a 2 mm airway along x, in the slice nearest 10 mm above the floor)
+    run through it; 1: a single noisy voxel."""
+    z0 = RIGHT[2] - RADII[2]  # the lung's floor
+    x0 = RIGHT[0] - RADII[0] + 10.0
+    cons = _with_mass(c, (x0, -5.0, z0 + 8.0), 15.0, hu=35)
+    if air:
+        zs, ys, xs = np.unique(c.z), np.unique(c.y), np.unique(c.x)
+        z1 = zs[np.argmin(np.abs(zs - (z0 + 10.0)))]
+        y1 = ys[np.argmin(np.abs(ys + 5.0))]
+        x1 = xs[np.argsort(np.abs(xs - x0))[:air]]
+        tube = (c.z == z1) & (c.y == y1) & np.isin(c.x, x1) & cons
+        assert tube.sum() == air
+        c.hu[tube] = -950
+    return cons
+
+
+@pytest.mark.parametrize("air", [0, 6])
+def test_consolidation_on_the_lungs_floor_is_lung_when_it_holds_air_bronchograms(
+        air: int) -> None:
+    c = _chest()
+    cons = _floor_consolidation(c, air)
+    before = c.run(enclosed=False)
+    assert (before[cons] == 1).mean() < 0.05
+    out = c.run()
+    share = float((out[cons] == 1).mean())
+    if air:  # airways through dense tissue the lung closes around: consolidated lung
+        assert share >= RECALL, share
+    else:  # as dense as the liver's dome under it: left out
+        assert share < 0.2, share
+    changed = (out > 0) & (before == 0) & ~cons
+    assert changed.sum() * 0.016 < 1.0
+
+
+def test_noise_under_the_dome_is_no_air_bronchogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample phantom (noisy, 2.7 mm pixels, 5 mm slices): single voxels of soft
+    tissue under the gas threshold, next to the lung's floor, once made the rule add 162 mL
+    of abdomen (before pockets needed 3 voxels and 0.01 mL); it must add nothing."""
+    import medseg
+    import medseg.inference.enclosed as enclosed
+    from medseg.models import DEFAULT_MODEL, load_model
+    from medseg.segment import segment
+
+    vol = medseg.load(Path(__file__).resolve().parents[2] / "sample_data" / "phantom_000"
+                      / "image.nii.gz")
+    model = load_model(DEFAULT_MODEL)
+    monkeypatch.setattr(enclosed, "BRONCHOGRAMS", False)
+    without = segment(vol, model=model, qc=False).labels.array
+    monkeypatch.setattr(enclosed, "BRONCHOGRAMS", True)
+    assert np.array_equal(without, segment(vol, model=model, qc=False).labels.array)
