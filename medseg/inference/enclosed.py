@@ -88,9 +88,10 @@ GRID_MM = 3.0
 BRONCHOGRAMS = True
 
 
-def _reach_both_ways(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool_]:
-    """True where ``mask`` holds a voxel at most ``k`` steps before *and* after along axis 0
-    (the voxel itself excluded)."""
+def _reach(mask: npt.NDArray[np.bool_], k: int
+           ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Where ``mask`` holds a voxel at most ``k`` steps after, and where at most ``k`` steps
+    before, along axis 0 (the voxel itself excluded)."""
     n = mask.shape[0]
     idx = np.arange(n).reshape(-1, 1, 1)
     far = 10 * n + 10 * k + 10
@@ -99,21 +100,7 @@ def _reach_both_ways(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool
     nxt = np.concatenate([nxt[1:], edge], axis=0)
     prv = np.maximum.accumulate(np.where(mask, idx, -far), axis=0)
     prv = np.concatenate([-edge, prv[:-1]], axis=0)
-    return np.asarray((nxt - idx <= k) & (idx - prv <= k))
-
-
-def _reach_either_way(mask: npt.NDArray[np.bool_], k: int) -> npt.NDArray[np.bool_]:
-    """True where ``mask`` holds a voxel at most ``k`` steps before *or* after along axis 0
-    (the voxel itself excluded)."""
-    n = mask.shape[0]
-    idx = np.arange(n).reshape(-1, 1, 1)
-    far = 10 * n + 10 * k + 10
-    edge = np.full((1, *mask.shape[1:]), far)
-    nxt = np.minimum.accumulate(np.where(mask, idx, far)[::-1], axis=0)[::-1]
-    nxt = np.concatenate([nxt[1:], edge], axis=0)
-    prv = np.maximum.accumulate(np.where(mask, idx, -far), axis=0)
-    prv = np.concatenate([-edge, prv[:-1]], axis=0)
-    return np.asarray((nxt - idx <= k) | (idx - prv <= k))
+    return np.asarray(nxt - idx <= k), np.asarray(idx - prv <= k)
 
 
 def _shifted(pts: tuple[npt.NDArray[np.intp], ...], axis: int, d: int,
@@ -140,11 +127,11 @@ def _candidates(lung: npt.NDArray[np.bool_], any_lung: npt.NDArray[np.bool_],
     # inside the liver's dome must not vouch for the liver above it)
     solid = ndimage.binary_opening(coarse, ndimage.generate_binary_structure(3, 1),
                                    iterations=OPEN_STEPS)
-    k = int(np.ceil(Z_REACH_MM / grid[0]))
+    after, before = _reach(solid, int(np.ceil(Z_REACH_MM / grid[0])))
+    both_ways = after & before
     inner = ~ndimage.binary_erosion(coarse)
     return [_candidate_voxels(lung, any_lung, hu, closed_depth, inner,
-                              _reach_both_ways(solid, k) if both else
-                              _reach_either_way(solid, k) & ~_reach_both_ways(solid, k),
+                              both_ways if both else (after | before) & ~both_ways,
                               step, grid, off)
             for both in modes]
 
