@@ -166,7 +166,6 @@ def segment(volume: CTVolume, *, method: str | Method = Method.UNET, model: Any 
         axis = volume.axial_axis()
         factor = thick_slice_factor(float(volume.spacing[2 - axis]), loaded.spec) \
             if loaded.spec.view == "axial" else 1
-        settings.context_factor = factor
         work = volume if factor == 1 else slices_interpolated(volume, axis, factor)
         raw = unet_labels(work, loaded, settings, progress=progress,
                           noise_hu=None if factor == 1 else pixel_noise_hu(volume.array, axis))

@@ -64,9 +64,6 @@ class InferenceSettings:
     #: anti-aliasing sigma (pixels) it chose (:func:`medseg.preprocess.antialias_sigma`).
     input_noise_hu: float | None = None
     antialias_sigma_px: tuple[float, float] = (0.0, 0.0)
-    #: Slices per original slice that :func:`medseg.segment.segment` gave the network and
-    #: the postprocessing (1, or more for thick slices: :func:`thick_slice_factor`).
-    context_factor: int = 1
     #: Filled by :func:`unet_labels` for a two-view model: the coronal slices its second
     #: network ran on (:func:`medseg.inference.unet._second_view`).
     second_view_slices: int | None = None
