@@ -70,8 +70,9 @@ MIN_ASPECT = 1.15
 #: count as cut; with more than MAX_CUT_SLICES of them the bones decide.
 BORDER_FRACTION = 0.02
 MAX_CUT_SLICES = 0.25
-#: The bones' tilt above and below the chest's middle must agree this well (deg).
-MAX_HALVES_DEG = 4.0
+#: Two estimates agree within this (deg): the outline and the bones; the bones above and
+#: below the chest's middle.
+AGREE_DEG = 4.0
 #: Grid of the estimate (mm) in plane and between slices.
 GRID_MM = 3.0
 SLICE_STEP_MM = 6.0
@@ -224,7 +225,7 @@ def body_tilt(hu: npt.NDArray[np.floating] | torch.Tensor,
     if cut > MAX_CUT_SLICES:
         outline = None
     bone, balance, why = _bone_tilt(sub[..., chest], grid)
-    if outline is not None and (bone is None or abs(bone - outline) <= MAX_HALVES_DEG):
+    if outline is not None and (bone is None or abs(bone - outline) <= AGREE_DEG):
         # the outline's moments are the more precise measure; the bones confirm them where
         # they can (an outline cut straight by a field of view that the image's border
         # does not show, e.g. a turned copy, is not the body's)
@@ -234,7 +235,7 @@ def body_tilt(hu: npt.NDArray[np.floating] | torch.Tensor,
     # the bones alone: above and below the middle of the chest separately, they must agree
     half = len(chest) // 2
     halves = [_bone_tilt(sub[..., part], grid)[0] for part in (chest[:half], chest[half:])]
-    if None in halves or abs(halves[0] - halves[1]) > MAX_HALVES_DEG:  # type: ignore[operator]
+    if None in halves or abs(halves[0] - halves[1]) > AGREE_DEG:  # type: ignore[operator]
         return pose(None, balance, "the bones above and below the chest's middle disagree")
     return pose(bone, balance)
 
